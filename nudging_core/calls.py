@@ -1,0 +1,112 @@
+"""Upstream calls made on behalf of one generation: seeds, accounting, cancellation counts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from nudging_core.types import Completion, GenerationStats, SamplingParams, Source, Token
+from nudging_core.upstream import CompletionCall, CompletionStream, UpstreamClient
+
+
+def derive_seed(seed: int, choice_index: int, round_index: int, role: str) -> int:
+    """A per-call seed, so runs repeat and rounds do not replay one random stream."""
+    digest = hashlib.sha256(f"{seed}:{choice_index}:{round_index}:{role}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class RoleCaller:
+    """Calls one upstream in one role for one generation, counting what it does."""
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        role: Source,
+        stats: GenerationStats,
+        sampling: SamplingParams,
+        choice_index: int = 0,
+    ) -> None:
+        self.client = client
+        self.role: Source = role
+        self._stats = stats
+        self._sampling = sampling
+        self._choice_index = choice_index
+
+    def call(
+        self,
+        prompt: str,
+        max_tokens: int,
+        *,
+        round_index: int,
+        logprobs: int | None = 1,
+        stop: tuple[str, ...] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> CompletionCall:
+        seed = self._sampling.seed
+        if seed is not None:
+            seed = derive_seed(seed, self._choice_index, round_index, self.role)
+        return CompletionCall(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=self._sampling.temperature,
+            top_p=self._sampling.top_p,
+            seed=seed,
+            logprobs=logprobs,
+            stop=stop,
+            extra=extra or {},
+        )
+
+    async def complete(
+        self, prompt: str, max_tokens: int, *, round_index: int, logprobs: int | None = 1
+    ) -> Completion:
+        self._stats.upstream_requests[self.role] += 1
+        try:
+            completion = await self.client.complete(
+                self.call(prompt, max_tokens, round_index=round_index, logprobs=logprobs)
+            )
+        except asyncio.CancelledError:
+            self._stats.cancelled_requests[self.role] += 1
+            raise
+        self._stats.upstream_tokens[self.role] += len(completion.tokens)
+        if self.role == "base" and self._stats.prompt_tokens is None:
+            self._stats.prompt_tokens = completion.prompt_tokens
+        return completion
+
+    def stream(
+        self, prompt: str, max_tokens: int, *, round_index: int
+    ) -> AbstractAsyncContextManager[CountedStream]:
+        return self.stream_call(self.call(prompt, max_tokens, round_index=round_index))
+
+    @asynccontextmanager
+    async def stream_call(self, call: CompletionCall) -> AsyncIterator[CountedStream]:
+        self._stats.upstream_requests[self.role] += 1
+        counted = CountedStream(self._stats, self.role)
+        try:
+            async with self.client.stream(call) as stream:
+                counted.stream = stream
+                yield counted
+        finally:
+            if counted.stream is None or not counted.stream.completed:
+                self._stats.cancelled_requests[self.role] += 1
+
+
+class CountedStream:
+    """Token iterator over a streamed completion that counts the tokens received."""
+
+    def __init__(self, stats: GenerationStats, role: Source) -> None:
+        self._stats = stats
+        self._role: Source = role
+        self.stream: CompletionStream | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.stream.finish_reason if self.stream is not None else None
+
+    async def __aiter__(self) -> AsyncIterator[Token]:
+        assert self.stream is not None
+        async for token in self.stream:
+            self._stats.upstream_tokens[self._role] += 1
+            yield token

@@ -1,0 +1,109 @@
+"""One generation, whatever the method: pieces through the stop filter, then the finish reason.
+
+This is the core's single entry point for the server: method -> generator of pieces ->
+stop strings -> pieces the client may see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nudging_core.calls import RoleCaller
+from nudging_core.nudging import NudgingContext, NudgingParams, nudge
+from nudging_core.stopping import Budget, StopFilter
+from nudging_core.types import FinishReason, GenerationStats, Piece, SamplingParams, Source
+from nudging_core.upstream import ContextOverflow, UpstreamClient
+
+Method = Literal["nudging", "base_only", "nudging_only"]
+PASSTHROUGH_ROLE: dict[str, Source] = {"base_only": "base", "nudging_only": "nudging"}
+LENGTH_REASONS = frozenset({"length", "context_length"})
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    method: Method
+    max_tokens: int
+    base_prompt: str = ""
+    nudging_prompt: str = ""
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = SamplingParams()
+    params: NudgingParams = NudgingParams()
+    choice_index: int = 0
+    # Fields a passthrough method forwards to its upstream unchanged.
+    passthrough_fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Generation:
+    """Runs one generation; after `pieces()` ends, `finish_reason` and `stats` are final."""
+
+    def __init__(self, request: GenerationRequest, clients: dict[Source, UpstreamClient]) -> None:
+        self.request = request
+        self.stats = GenerationStats()
+        self._clients = clients
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason = "stop"
+
+    def _caller(self, role: Source) -> RoleCaller:
+        return RoleCaller(
+            self._clients[role], role, self.stats, self.request.sampling, self.request.choice_index
+        )
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        stop_filter = StopFilter(self.request.stop)
+        try:
+            async with aclosing(self._method_pieces()) as pieces:
+                async for piece in pieces:
+                    for visible in stop_filter.feed(piece):
+                        self.completion_tokens += visible.num_tokens
+                        yield visible
+                    if stop_filter.matched is not None:
+                        self.stats.stop_reason = "stop_string"
+                        break
+        except ContextOverflow:
+            self.stats.stop_reason = "context_length"
+        for visible in stop_filter.flush():
+            self.completion_tokens += visible.num_tokens
+            yield visible
+        self.finish_reason = "length" if self.stats.stop_reason in LENGTH_REASONS else "stop"
+
+    def _method_pieces(self) -> AsyncIterator[Piece]:
+        request = self.request
+        budget = Budget(request.max_tokens)
+        if request.method == "nudging":
+            context = NudgingContext(
+                base=self._caller("base"),
+                nudger=self._caller("nudging"),
+                base_prompt=request.base_prompt,
+                nudging_prompt=request.nudging_prompt,
+                params=request.params,
+                budget=budget,
+                stats=self.stats,
+            )
+            return nudge(context)
+        role = PASSTHROUGH_ROLE[request.method]
+        prompt = request.base_prompt if role == "base" else request.nudging_prompt
+        return self._passthrough(role, prompt, budget)
+
+    async def _passthrough(self, role: Source, prompt: str, budget: Budget) -> AsyncIterator[Piece]:
+        request = self.request
+        caller = self._caller(role)
+        call = caller.call(
+            prompt,
+            request.max_tokens,
+            round_index=0,
+            logprobs=None,
+            stop=request.stop,
+            extra=request.passthrough_fields,
+        )
+        async with caller.stream_call(call) as stream:
+            async for token in stream:
+                piece = budget.take(Piece(token.text, role, (len(token.text),)))
+                yield piece
+                if budget.exhausted:
+                    self.stats.stop_reason = "length"
+                    return
+            finish_reason = stream.finish_reason
+        self.stats.stop_reason = "length" if finish_reason == "length" else f"{role}_stop"

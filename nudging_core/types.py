@@ -1,0 +1,118 @@
+"""Value types shared by the upstream client, the algorithms and the server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Source = Literal["base", "nudging"]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token as an upstream reports it.
+
+    `text` is the properly decoded text this token adds (it may be "" while a multi-byte
+    character is incomplete; the next token then carries the whole character).
+    `top_logprob` is the highest logprob of the distribution at this position, so
+    exp(top_logprob) is the top-1 probability nudging compares with its threshold.
+    """
+
+    text: str
+    logprob: float
+    top_logprob: float
+    top_logprobs: dict[str, float] | None = None
+
+    @property
+    def top_prob(self) -> float:
+        return math.exp(self.top_logprob)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished (non-streamed) completion from one upstream call."""
+
+    tokens: tuple[Token, ...]
+    finish_reason: str | None
+    prompt_tokens: int | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(token.text for token in self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A span of output text decided by one model.
+
+    `token_ends` holds the end offset (in characters of `text`) of every token that
+    covers the piece, so a budget can cut the piece exactly at a token boundary.
+    A token cut by a word boundary ends at len(text) and counts once.
+    """
+
+    text: str
+    source: Source
+    token_ends: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ends)
+
+    def truncated(self, max_tokens: int) -> Piece:
+        if max_tokens >= self.num_tokens:
+            return self
+        if max_tokens <= 0:
+            return Piece("", self.source, ())
+        ends = self.token_ends[:max_tokens]
+        return Piece(self.text[: ends[-1]], self.source, ends)
+
+
+def piece_from_tokens(tokens: tuple[Token, ...] | list[Token], source: Source) -> Piece:
+    ends: list[int] = []
+    offset = 0
+    for token in tokens:
+        offset += len(token.text)
+        ends.append(offset)
+    return Piece("".join(t.text for t in tokens), source, tuple(ends))
+
+
+def piece_from_prefix(tokens: tuple[Token, ...] | list[Token], length: int, source: Source) -> Piece:
+    """The first `length` characters of the tokens' text, with the tokens covering them."""
+    ends: list[int] = []
+    offset = 0
+    text = "".join(t.text for t in tokens)[:length]
+    for token in tokens:
+        if offset >= length:
+            break
+        offset += len(token.text)
+        ends.append(min(offset, length))
+    if length > 0 and not ends:
+        raise ValueError("prefix longer than the tokens' text")
+    return Piece(text, source, tuple(ends))
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """What one generation did; reported in the `nudging` response extension."""
+
+    rounds: int = 0
+    stop_reason: str | None = None
+    upstream_requests: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
+    cancelled_requests: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
+    upstream_tokens: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
+    rules: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int | None = None
+
+    def fire(self, rule: str) -> None:
+        self.rules[rule] = self.rules.get(rule, 0) + 1
