@@ -71,9 +71,12 @@ class RoleCaller:
             self._stats.cancelled_requests[self.role] += 1
             raise
         self._stats.upstream_tokens[self.role] += len(completion.tokens)
-        if self.role == "base" and self._stats.prompt_tokens is None:
-            self._stats.prompt_tokens = completion.prompt_tokens
+        self._note_prompt_tokens(completion.prompt_tokens)
         return completion
+
+    def _note_prompt_tokens(self, count: int | None) -> None:
+        if count is not None:
+            self._stats.prompt_tokens.setdefault(self.role, count)
 
     def stream(
         self, prompt: str, max_tokens: int, *, round_index: int
@@ -88,6 +91,7 @@ class RoleCaller:
             async with self.client.stream(call) as stream:
                 counted.stream = stream
                 yield counted
+                self._note_prompt_tokens(stream.prompt_tokens)
         finally:
             if counted.stream is None or not counted.stream.completed:
                 self._stats.cancelled_requests[self.role] += 1

@@ -6,6 +6,7 @@ stop strings -> pieces the client may see.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Generation:
         self.stats = GenerationStats()
         self._clients = clients
         self.completion_tokens = 0
+        self.prompt_tokens = 0
         self.finish_reason: FinishReason = "stop"
 
     def _caller(self, role: Source) -> RoleCaller:
@@ -52,6 +54,22 @@ class Generation:
         )
 
     async def pieces(self) -> AsyncIterator[Piece]:
+        prompt_role: Source = "nudging" if self.request.method == "nudging_only" else "base"
+        counting = None
+        if self.request.method == "nudging":
+            # Every base call of nudging extends the prompt, so none reports its bare size.
+            counting = asyncio.create_task(self._clients["base"].count_tokens(self.request.base_prompt))
+        try:
+            async for piece in self._filtered_pieces():
+                yield piece
+            counted = await counting if counting is not None else None
+        finally:
+            if counting is not None:
+                counting.cancel()
+        reported = self.stats.prompt_tokens.get(prompt_role)
+        self.prompt_tokens = counted if counted is not None else reported or 0
+
+    async def _filtered_pieces(self) -> AsyncIterator[Piece]:
         stop_filter = StopFilter(self.request.stop)
         try:
             async with aclosing(self._method_pieces()) as pieces:

@@ -112,7 +112,8 @@ class GenerationStats:
     cancelled_requests: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
     upstream_tokens: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
     rules: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int | None = None
+    # The prompt size each role's upstream first reported.
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
 
     def fire(self, rule: str) -> None:
         self.rules[rule] = self.rules.get(rule, 0) + 1

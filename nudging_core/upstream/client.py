@@ -141,6 +141,16 @@ class UpstreamClient:
     def stream(self, call: CompletionCall) -> CompletionStream:
         return CompletionStream(self, call)
 
+    async def count_tokens(self, prompt: str) -> int | None:
+        """Prompt size by the upstream's own tokenizer (vLLM's `/tokenize`), if it has one."""
+        root = str(self._http.base_url).rstrip("/").removesuffix("/v1")
+        try:
+            response = await self._http.post(f"{root}/tokenize", json={"model": self.model, "prompt": prompt})
+            count = response.json().get("count") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return count if isinstance(count, int) else None
+
     async def ready(self) -> bool:
         try:
             response = await self._http.get("models")

@@ -1,0 +1,40 @@
+"""Optional API keys: `Authorization: Bearer <key>` checked in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import APIError, error_body
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+def _authorized(header: str | None, keys: list[bytes]) -> bool:
+    if not header or not header.lower().startswith("bearer "):
+        return False
+    offered = header[7:].strip().encode()
+    # Compare with every key so the time taken does not reveal which one nearly matched.
+    matches = [hmac.compare_digest(offered, key) for key in keys]
+    return any(matches)
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if _authorized(headers.get("authorization"), self.keys):
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import JSONResponse
+
+        error = APIError(401, "Invalid or missing API key", type="authentication_error", code="invalid_api_key")
+        response = JSONResponse(error_body(error), status_code=401)
+        await response(scope, receive, send)

@@ -1,0 +1,159 @@
+"""The proxy's YAML configuration, validated at start-up; secrets come from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nudging_core.templates import BUILTIN_TEMPLATES
+from nudging_core.upstream import Timeouts
+
+Method = Literal["nudging", "base_only", "nudging_only"]
+ROLES_NEEDED: dict[str, tuple[str, ...]] = {
+    "nudging": ("base", "nudging"),
+    "base_only": ("base",),
+    "nudging_only": ("nudging",),
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the bad field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TimeoutsConfig(Strict):
+    connect: float = Field(5.0, gt=0)
+    read: float = Field(60.0, gt=0, description="also the longest wait between two stream events")
+    write: float = Field(10.0, gt=0)
+    pool: float = Field(60.0, gt=0)
+
+    def to_timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+
+
+class UpstreamConfig(Strict):
+    url: str = Field(description="base URL of the OpenAI-compatible API, e.g. http://vllm-base:8000/v1")
+    model: str
+    api_key_env: str | None = None
+    chat_template: str | None = Field(
+        None, description="nudger only: a built-in template name or a path to a jinja file"
+    )
+    bos_token: str = ""
+    eos_token: str = ""
+    max_in_flight: int = Field(64, ge=1)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, name: str | None) -> str | None:
+        if name is None or name in BUILTIN_TEMPLATES or name.endswith((".jinja", ".j2")):
+            return name
+        raise ValueError(
+            f"unknown template {name!r}; use one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
+        )
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class ModelConfig(Strict):
+    name: str = Field(min_length=1)
+    method: Method = "nudging"
+    base: UpstreamConfig | None = None
+    nudging: UpstreamConfig | None = None
+    threshold: float = Field(0.4, gt=0, le=1)
+    lookahead_tokens: int = Field(16, ge=1, le=256)
+    chunk_tokens: int = Field(16, ge=1, le=256)
+    max_rounds: int = Field(150, ge=1)
+    strategy: Literal["paper", "fast"] = "fast"
+    cleanup: bool = False
+    answer_start: str = ""
+    default_system_prompt: str | None = None
+    default_max_tokens: int = Field(512, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    wrap_completion_prompt: bool = Field(
+        False, description="/v1/completions: render the prompt as a user turn in the nudger's template"
+    )
+
+    @model_validator(mode="after")
+    def _roles_present(self) -> ModelConfig:
+        for role in ROLES_NEEDED[self.method]:
+            if getattr(self, role) is None:
+                raise ValueError(f"method {self.method!r} needs the {role!r} upstream")
+        if self.method == "nudging" and self.nudging is not None and self.nudging.chat_template is None:
+            raise ValueError("the nudging upstream needs a chat_template")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens exceeds max_tokens_limit")
+        return self
+
+
+class ServerConfig(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+    api_keys_env: str | None = Field(
+        None, description="env var holding comma-separated API keys; unset or empty disables auth"
+    )
+
+    def api_keys(self) -> list[str]:
+        raw = os.environ.get(self.api_keys_env, "") if self.api_keys_env else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+
+class Config(Strict):
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [model.name for model in models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model names: {', '.join(duplicates)}")
+        return models
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((model for model in self.models if model.name == name), None)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {location}: {item['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: object) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    return parse_config(data)

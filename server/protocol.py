@@ -1,0 +1,453 @@
+"""The OpenAI / vLLM wire format: request and response models.
+
+Requests keep unknown fields (`extra="allow"`), as vLLM does, so passthrough models can
+forward them and clients sending newer fields are not rejected. Our own `nudging` extension
+is strict, since a typo there would otherwise be silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic.functional_serializers import SerializerFunctionWrapHandler
+
+from server.errors import invalid_request, validation_error
+
+_LONG_MIN: Final = -(2**63)
+_LONG_MAX: Final = 2**63 - 1
+
+
+# --- Requests ----------------------------------------------------------------------------
+
+
+class OpenAIRequestModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # SDKs and frameworks send explicit nulls for optional fields (`"n": null`); OpenAI
+        # reads that as "not given", so a null for a field with a non-null default is dropped.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if not (
+                value is None
+                and key in fields
+                and not fields[key].is_required()
+                and fields[key].default is not None
+            )
+        }
+
+
+class StreamOptions(OpenAIRequestModel):
+    # vLLM defaults this to True when stream_options is given; OpenAI documents it as opt-in.
+    include_usage: bool = False
+
+
+class NudgingOptions(BaseModel):
+    """The request's `nudging` extension; None means "use the model's configuration"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(default=None, gt=0, le=1)
+    lookahead_tokens: int | None = Field(default=None, ge=1, le=256)
+    strategy: Literal["paper", "fast"] | None = None
+    nudging_prompt: str | None = None
+    cleanup: bool | None = None
+    return_provenance: bool | None = None
+
+
+class _SamplingRequest(OpenAIRequestModel):
+    """Fields both endpoints share, with vLLM's names and defaults (except `max_tokens`,
+    whose None means the model's configured default)."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(default=None, ge=_LONG_MIN, le=_LONG_MAX)
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    nudging: NudgingOptions | None = None
+
+    # Known OpenAI fields a nudged model cannot honour; see `unsupported_fields`.
+    UNSUPPORTED_FOR_NUDGING: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        # OpenAI and vLLM reject stream_options on a non-streamed request (`stream` is
+        # declared first, so it is validated by now).
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    logprobs: int | None = Field(default=None, ge=0)
+
+    UNSUPPORTED_FOR_NUDGING: ClassVar[tuple[str, ...]] = (
+        "echo",
+        "suffix",
+        "best_of",
+        "logprobs",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+    )
+
+    def single_prompt(self) -> str:
+        """The one text prompt we serve; token-id prompts and batches are a 400."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            return prompt[0]
+        raise invalid_request(
+            "prompt must be a single string (or a list of one string); "
+            "batched and token-id prompts are not supported",
+            "prompt",
+        )
+
+
+class ContentPart(OpenAIRequestModel):
+    """One part of a message's content. Only text parts can be templated; others are kept so
+    passthrough models can forward them."""
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a string 'text'")
+        return self
+
+
+class ChatMessage(OpenAIRequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+
+    UNSUPPORTED_FOR_NUDGING: ClassVar[tuple[str, ...]] = (
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "audio",
+        "modalities",
+        "prediction",
+        "reasoning_effort",
+    )
+
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` wins over the deprecated `max_tokens`, as in vLLM."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """Messages as plain dicts, the input of `nudging_core.templates.normalize_messages`."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+UNSUPPORTED_FOR_NUDGING: Final[Mapping[str, tuple[str, ...]]] = {
+    "completions": CompletionRequest.UNSUPPORTED_FOR_NUDGING,
+    "chat.completions": ChatCompletionRequest.UNSUPPORTED_FOR_NUDGING,
+}
+
+
+def _generic_noop(value: Any) -> bool:
+    # Default/empty values ask for nothing: `echo: false`, `tools: []`, penalties of 0.
+    if value is None or value is False:
+        return True
+    if isinstance(value, (str, list, dict)):
+        return len(value) == 0
+    return isinstance(value, (int, float)) and value == 0
+
+
+# Values of a field that are equivalent to leaving it out, where the generic rule is wrong.
+_NOOP: Final[Mapping[tuple[type[BaseModel], str], Callable[[Any], bool]]] = {
+    # For completions, logprobs=0 asks for the sampled token's logprob: a real request.
+    (CompletionRequest, "logprobs"): lambda v: v is None,
+    (CompletionRequest, "best_of"): lambda v: v is None or v == 1,
+    (ChatCompletionRequest, "tool_choice"): lambda v: v in (None, "none", "auto"),
+    (ChatCompletionRequest, "function_call"): lambda v: v in (None, "none", "auto"),
+    (ChatCompletionRequest, "response_format"): lambda v: v is None or v == {"type": "text"},
+    (ChatCompletionRequest, "modalities"): lambda v: v is None or v == ["text"],
+}
+
+
+def unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    """The known fields of `request` that ask for something a nudged model cannot do."""
+    found: list[str] = []
+    for name in request.UNSUPPORTED_FOR_NUDGING:
+        is_noop = _NOOP.get((type(request), name), _generic_noop)
+        if not is_noop(getattr(request, name)):
+            found.append(name)
+    return found
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a decoded JSON body, turning validation errors into an OpenAI 400."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+# --- Responses ---------------------------------------------------------------------------
+
+
+class _ResponseModel(BaseModel):
+    """Response models serialize every field, nulls included (OpenAI sends
+    `finish_reason: null` and `logprobs: null`), except the keys listed here."""
+
+    # Dropped when None.
+    omit_if_none: ClassVar[frozenset[str]] = frozenset()
+    # Dropped when None unless set explicitly (streamed `usage`: null in every chunk only
+    # when the client asked for a usage chunk, as OpenAI and vLLM do).
+    omit_if_unset_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in self.omit_if_none:
+            if key in data and data[key] is None:
+                del data[key]
+        for key in self.omit_if_unset_none:
+            if key in data and data[key] is None and key not in self.model_fields_set:
+                del data[key]
+        return data
+
+
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def new_chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(_ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Span(_ResponseModel):
+    text: str
+    source: Literal["base", "nudging"]
+
+
+class NudgingReport(_ResponseModel):
+    """The per-choice `nudging` extension of a response, when the request asks for it."""
+
+    spans: list[Span] | None = None
+    tokens: dict[str, int] = Field(default_factory=dict)
+    rounds: int = 0
+    upstream_requests: dict[str, int] = Field(default_factory=dict)
+    stop_reason: str | None = None
+
+
+class CompletionChoice(_ResponseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    nudging: NudgingReport | None = None
+
+
+class CompletionResponse(_ResponseModel):
+    id: str = Field(default_factory=new_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChoice(_ResponseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    nudging: NudgingReport | None = None
+
+
+class CompletionStreamResponse(_ResponseModel):
+    omit_if_unset_none: ClassVar[frozenset[str]] = frozenset({"usage"})
+
+    id: str = Field(default_factory=new_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatCompletionMessage(_ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(_ResponseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
+
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    nudging: NudgingReport | None = None
+
+
+class ChatCompletionResponse(_ResponseModel):
+    id: str = Field(default_factory=new_chat_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(_ResponseModel):
+    # The first chunk of a choice carries the role, the last one an empty delta.
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(_ResponseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
+
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    nudging: NudgingReport | None = None
+
+
+class ChatCompletionStreamResponse(_ResponseModel):
+    omit_if_unset_none: ClassVar[frozenset[str]] = frozenset({"usage"})
+
+    id: str = Field(default_factory=new_chat_completion_id)
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(_ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "nudging-proxy"
+
+
+class ModelList(_ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+__all__ = [
+    "ChatCompletionChoice",
+    "ChatCompletionMessage",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatCompletionStreamChoice",
+    "ChatCompletionStreamResponse",
+    "ChatMessage",
+    "CompletionChoice",
+    "CompletionRequest",
+    "CompletionResponse",
+    "CompletionStreamChoice",
+    "CompletionStreamResponse",
+    "ContentPart",
+    "DeltaMessage",
+    "ModelCard",
+    "ModelList",
+    "NudgingOptions",
+    "NudgingReport",
+    "Span",
+    "StreamOptions",
+    "UNSUPPORTED_FOR_NUDGING",
+    "UsageInfo",
+    "new_chat_completion_id",
+    "new_completion_id",
+    "parse_request",
+    "unsupported_fields",
+]

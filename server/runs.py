@@ -1,0 +1,150 @@
+"""From a validated request to running generations: one per choice, concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from nudging_core.generation import Generation, GenerationRequest
+from nudging_core.nudging import NudgingParams
+from nudging_core.types import Piece, SamplingParams
+
+from .errors import invalid_request
+from .prompts import Prompts
+from .protocol import ChatCompletionRequest, CompletionRequest, unsupported_fields
+from .registry import ServedModel
+
+AnyRequest = CompletionRequest | ChatCompletionRequest
+# Fields the proxy itself interprets; everything else a passthrough method forwards.
+OWN_FIELDS = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+     "stop", "stream", "stream_options", "seed", "user", "nudging"}
+)
+
+
+def _max_tokens(served: ServedModel, request: AnyRequest) -> int:
+    field_name, requested = "max_tokens", request.max_tokens
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        field_name, requested = "max_completion_tokens", request.max_completion_tokens
+    if requested is None:
+        return served.config.default_max_tokens
+    limit = served.config.max_tokens_limit
+    if requested > limit:
+        raise invalid_request(f"{field_name} must be at most {limit} for this model", field_name)
+    return requested
+
+
+def _stops(request: AnyRequest) -> tuple[str, ...]:
+    if request.stop is None:
+        return ()
+    return (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
+
+
+def _nudging_params(served: ServedModel, request: AnyRequest) -> NudgingParams:
+    config = served.config
+    options = request.nudging
+    return NudgingParams(
+        threshold=options.threshold if options and options.threshold is not None else config.threshold,
+        lookahead_tokens=(
+            options.lookahead_tokens if options and options.lookahead_tokens is not None
+            else config.lookahead_tokens
+        ),
+        chunk_tokens=config.chunk_tokens,
+        max_rounds=config.max_rounds,
+        strategy=options.strategy if options and options.strategy is not None else config.strategy,
+        cleanup=options.cleanup if options and options.cleanup is not None else config.cleanup,
+    )
+
+
+def _passthrough_fields(request: AnyRequest) -> dict[str, Any]:
+    dumped = request.model_dump(exclude_unset=True, exclude_none=True)
+    return {key: value for key, value in dumped.items() if key not in OWN_FIELDS}
+
+
+def generation_requests(served: ServedModel, request: AnyRequest, prompts: Prompts) -> list[GenerationRequest]:
+    method = served.config.method
+    if method == "nudging":
+        unsupported = unsupported_fields(request)
+        if unsupported:
+            raise invalid_request(
+                f"{unsupported[0]} is not supported for nudged models", unsupported[0]
+            )
+    sampling = SamplingParams(
+        temperature=request.temperature if request.temperature is not None else served.config.temperature,
+        top_p=request.top_p if request.top_p is not None else served.config.top_p,
+        seed=request.seed,
+    )
+    common = dict(
+        method=method,
+        max_tokens=_max_tokens(served, request),
+        base_prompt=prompts.base,
+        nudging_prompt=prompts.nudging,
+        stop=_stops(request),
+        sampling=sampling,
+        params=_nudging_params(served, request),
+        passthrough_fields=_passthrough_fields(request) if method != "nudging" else {},
+    )
+    return [GenerationRequest(choice_index=index, **common) for index in range(request.n)]  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class ChoiceRun:
+    """A generation and the pieces it sent, for the response body and its extension."""
+
+    index: int
+    generation: Generation
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(piece.text for piece in self.pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceEvent:
+    run: ChoiceRun
+    piece: Piece | None  # None: this choice has finished
+
+
+def make_runs(served: ServedModel, requests: list[GenerationRequest]) -> list[ChoiceRun]:
+    return [ChoiceRun(r.choice_index, Generation(r, served.clients)) for r in requests]
+
+
+async def run_choices(runs: list[ChoiceRun]) -> AsyncIterator[PieceEvent]:
+    """Pieces of all choices as they come; an error in one cancels the others."""
+    if len(runs) == 1:
+        run = runs[0]
+        async with aclosing(run.generation.pieces()) as pieces:
+            async for piece in pieces:
+                run.pieces.append(piece)
+                yield PieceEvent(run, piece)
+        yield PieceEvent(run, None)
+        return
+    queue: asyncio.Queue[PieceEvent | BaseException] = asyncio.Queue()
+
+    async def produce(run: ChoiceRun) -> None:
+        try:
+            async with aclosing(run.generation.pieces()) as pieces:
+                async for piece in pieces:
+                    run.pieces.append(piece)
+                    await queue.put(PieceEvent(run, piece))
+            await queue.put(PieceEvent(run, None))
+        except Exception as error:  # handed to the consumer, which re-raises it
+            await queue.put(error)
+
+    tasks = [asyncio.create_task(produce(run)) for run in runs]
+    try:
+        finished = 0
+        while finished < len(runs):
+            event = await queue.get()
+            if isinstance(event, BaseException):
+                raise event
+            finished += event.piece is None
+            yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
