@@ -169,7 +169,8 @@ class ChatTemplate(Protocol):
 # Layouts reproduce the paper's nudging prompts exactly for one system prompt S, one user
 # message U and response start R, and extend to several turns the way each family's official
 # template does. No BOS token: servers add it when they tokenize the prompt. Message text is
-# used verbatim (the official templates strip it in places; the paper's strings do not).
+# used verbatim, as in the paper's strings (the official templates strip it in places), except
+# llama-2's earlier answers, stripped like its official template does since spaces surround them.
 # Families without a system role (llama-2, gemma, olmo) fold the system text into the first
 # user turn, and need turns alternating user/assistant.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Final, cast
+from typing import Any, Final, cast, overload
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nudging_core.templates import TemplateError
+from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
 
 INVALID_REQUEST: Final = "invalid_request_error"
 AUTHENTICATION: Final = "authentication_error"
@@ -53,10 +54,25 @@ def _type_for_status(status_code: int) -> str:
     return INVALID_REQUEST
 
 
+@overload
+def error_body(error: APIError, /) -> dict[str, dict[str, Any]]: ...
+
+
+@overload
 def error_body(
     message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, dict[str, Any]]: ...
+
+
+def error_body(
+    message: str | APIError, type: str | None = None, param: str | None = None, code: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """The JSON body of an error response (also the payload of an SSE error event)."""
+    """The JSON body of an error response (also the payload of an SSE error event), from an
+    `APIError` or from its fields."""
+    if isinstance(message, APIError):
+        return message.to_dict()
+    if type is None:
+        raise TypeError("error_body() needs the error type")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -119,6 +135,33 @@ def upstream_unavailable(role: str, message: str, *, status_code: int = 502) -> 
         type=UPSTREAM_ERROR,
         code=_UPSTREAM_CODES[status_code],
     )
+
+
+def upstream_failure(error: UpstreamError) -> APIError:
+    """An upstream's failure as the client sees it.
+
+    A prompt too long for the model, or a request the upstream rejects as invalid (400/422:
+    for passthrough models that is the client's own field), is a 400. Otherwise it is the
+    proxy's problem: 504 on a timeout, 503 when the upstream is overloaded, else 502.
+    """
+    message = scrub_urls(error.message)
+    if isinstance(error, ContextOverflow):
+        return invalid_request(
+            f"The prompt is too long for the {error.role} model: {message}",
+            code="context_length_exceeded",
+        )
+    if isinstance(error, UpstreamTimeout):
+        return upstream_unavailable(error.role, message, status_code=504)
+    if error.status_code in (400, 422):
+        return invalid_request(f"The {error.role} model's server rejected the request: {message}")
+    if error.status_code in (429, 503):
+        return upstream_unavailable(error.role, message, status_code=503)
+    return upstream_unavailable(error.role, message, status_code=502)
+
+
+def upstream_error_body(error: UpstreamError) -> dict[str, dict[str, Any]]:
+    """The SSE error event for an upstream failure after a stream has started."""
+    return upstream_failure(error).to_dict()
 
 
 # --- Validation errors -------------------------------------------------------------------

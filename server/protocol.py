@@ -10,19 +10,22 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
+    with_config,
 )
-from pydantic.functional_serializers import SerializerFunctionWrapHandler
+from typing_extensions import Required, TypedDict  # pydantic needs this one before Python 3.12
 
 from server.errors import invalid_request, validation_error
 
@@ -148,24 +151,30 @@ class CompletionRequest(_SamplingRequest):
         )
 
 
-class ContentPart(OpenAIRequestModel):
-    """One part of a message's content. Only text parts can be templated; others are kept so
-    passthrough models can forward them."""
+@with_config(ConfigDict(extra="allow"))
+class ContentPart(TypedDict, total=False):
+    """One part of a message's content. Only text parts can be templated; other kinds and
+    extra keys are kept so passthrough models can forward them."""
 
-    type: str
-    text: str | None = None
-
-    @model_validator(mode="after")
-    def _text_part_has_text(self) -> ContentPart:
-        if self.type == "text" and self.text is None:
-            raise ValueError("a text part needs a string 'text'")
-        return self
+    type: Required[str]
+    text: str
 
 
-class ChatMessage(OpenAIRequestModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+def _text_part_has_text(part: ContentPart) -> ContentPart:
+    if part["type"] == "text" and not isinstance(part.get("text"), str):
+        raise ValueError("a text part needs a string 'text'")
+    return part
+
+
+@with_config(ConfigDict(extra="allow"))
+class ChatMessage(TypedDict, total=False):
+    """A chat message. Messages stay plain dicts after validation, as in vLLM, so they go
+    straight to `nudging_core.templates.normalize_messages` and to passthrough upstreams
+    (extra keys such as `tool_calls` are kept)."""
+
+    role: Required[Literal["system", "developer", "user", "assistant", "tool", "function"]]
+    content: str | list[Annotated[ContentPart, AfterValidator(_text_part_has_text)]] | None
+    name: str
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -208,8 +217,8 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_tokens
 
     def message_dicts(self) -> list[dict[str, Any]]:
-        """Messages as plain dicts, the input of `nudging_core.templates.normalize_messages`."""
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        """Copies of the messages as plain dicts."""
+        return [dict(m) for m in self.messages]
 
 
 UNSUPPORTED_FOR_NUDGING: Final[Mapping[str, tuple[str, ...]]] = {
@@ -313,6 +322,7 @@ class NudgingReport(_ResponseModel):
 
     spans: list[Span] | None = None
     tokens: dict[str, int] = Field(default_factory=dict)
+    nudging_word_ratio: float = 0.0
     rounds: int = 0
     upstream_requests: dict[str, int] = Field(default_factory=dict)
     stop_reason: str | None = None

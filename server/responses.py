@@ -3,44 +3,60 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from nudging_core.provenance import merge_spans, nudging_word_ratio
 
+from .protocol import (
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    CompletionChoice,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    NudgingReport,
+    Span,
+    UsageInfo,
+    new_chat_completion_id,
+    new_completion_id,
+)
 from .runs import ChoiceRun
 
 
-def provenance_report(run: ChoiceRun) -> dict[str, Any]:
+def provenance_report(run: ChoiceRun) -> NudgingReport:
     stats = run.generation.stats
     spans = merge_spans(run.pieces)
     tokens = {"base": 0, "nudging": 0}
     for piece in run.pieces:
         tokens[piece.source] += piece.num_tokens
-    return {
-        "spans": [{"text": span.text, "source": span.source} for span in spans],
-        "tokens": tokens,
-        "nudging_word_ratio": nudging_word_ratio(spans),
-        "rounds": stats.rounds,
-        "upstream_requests": dict(stats.upstream_requests),
-        "stop_reason": stats.stop_reason,
-    }
+    return NudgingReport(
+        spans=[Span(text=span.text, source=span.source) for span in spans],
+        tokens=tokens,
+        nudging_word_ratio=nudging_word_ratio(spans),
+        rounds=stats.rounds,
+        upstream_requests=dict(stats.upstream_requests),
+        stop_reason=stats.stop_reason,
+    )
 
 
-def usage(runs: list[ChoiceRun]) -> dict[str, int]:
-    prompt_tokens = next((r.generation.prompt_tokens for r in runs if r.generation.prompt_tokens), 0)
+def usage(runs: list[ChoiceRun]) -> UsageInfo:
+    prompt_tokens = max((run.generation.prompt_tokens for run in runs), default=0)
     completion_tokens = sum(run.generation.completion_tokens for run in runs)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
 @dataclass(slots=True)
 class Shape:
-    """The wire shape of one endpoint's answers; `chat` picks chat.completion over text_completion."""
+    """The wire shape of one endpoint's answers: chat.completion or text_completion."""
 
     chat: bool
     model: str
@@ -49,49 +65,62 @@ class Shape:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.id = new_chat_completion_id() if self.chat else new_completion_id()
 
-    def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "choices": choices}
-
-    def _extension(self, choice: dict[str, Any], run: ChoiceRun) -> dict[str, Any]:
-        if self.with_provenance:
-            choice["nudging"] = provenance_report(run)
-        return choice
+    def _report(self, run: ChoiceRun) -> NudgingReport | None:
+        return provenance_report(run) if self.with_provenance else None
 
     def body(self, runs: list[ChoiceRun]) -> dict[str, Any]:
-        choices = []
-        for run in runs:
-            finish = run.generation.finish_reason
-            if self.chat:
-                choice = {"index": run.index, "message": {"role": "assistant", "content": run.text},
-                          "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": run.index, "text": run.text, "logprobs": None, "finish_reason": finish}
-            choices.append(self._extension(choice, run))
-        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
-        body["usage"] = usage(runs)
-        return body
-
-    def chunk(self, index: int, text: str, *, role: bool = False) -> dict[str, Any]:
+        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": usage(runs)}
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
-        return self._envelope("text_completion", [choice])
+            chat_choices = [
+                ChatCompletionChoice(
+                    index=run.index,
+                    message=ChatCompletionMessage(content=run.text),
+                    finish_reason=run.generation.finish_reason,
+                    nudging=self._report(run),
+                )
+                for run in runs
+            ]
+            return ChatCompletionResponse(choices=chat_choices, **envelope).model_dump()
+        choices = [
+            CompletionChoice(
+                index=run.index, text=run.text, finish_reason=run.generation.finish_reason,
+                nudging=self._report(run),
+            )
+            for run in runs
+        ]
+        return CompletionResponse(choices=choices, **envelope).model_dump()
+
+    def _chunk(
+        self, index: int, text: str | None, *, role: bool = False, finish_reason: str | None = None,
+        report: NudgingReport | None = None,
+    ) -> dict[str, Any]:
+        envelope = {"id": self.id, "created": self.created, "model": self.model}
+        if self.chat:
+            delta = DeltaMessage(role="assistant" if role else None, content=text)
+            choice = ChatCompletionStreamChoice(
+                index=index, delta=delta, finish_reason=finish_reason, nudging=report
+            )
+            return ChatCompletionStreamResponse(choices=[choice], **envelope).model_dump()
+        stream_choice = CompletionStreamChoice(
+            index=index, text=text or "", finish_reason=finish_reason, nudging=report
+        )
+        return CompletionStreamResponse(choices=[stream_choice], **envelope).model_dump()
+
+    def role_chunk(self, index: int) -> dict[str, Any]:
+        return self._chunk(index, "", role=True)
+
+    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk(index, text)
 
     def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
-        chunk = self.chunk(run.index, "")
-        choice = chunk["choices"][0]
-        if self.chat:
-            choice["delta"] = {}
-        choice["finish_reason"] = run.generation.finish_reason
-        self._extension(choice, run)
-        return chunk
+        return self._chunk(
+            run.index, None, finish_reason=run.generation.finish_reason, report=self._report(run)
+        )
 
     def usage_chunk(self, runs: list[ChoiceRun]) -> dict[str, Any]:
-        chunk = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        chunk["usage"] = usage(runs)
-        return chunk
+        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": usage(runs)}
+        if self.chat:
+            return ChatCompletionStreamResponse(choices=[], **envelope).model_dump()
+        return CompletionStreamResponse(choices=[], **envelope).model_dump()

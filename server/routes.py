@@ -12,7 +12,7 @@ from nudging_core.upstream import UpstreamError
 
 from .errors import model_not_found, upstream_failure
 from .prompts import Prompts, chat_prompts, completion_prompts
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .registry import ModelRegistry, ServedModel
 from .responses import Shape
 from .runs import AnyRequest, generation_requests, make_runs, run_choices
@@ -66,13 +66,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     created = request.app.state.started
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "nudging-proxy"}
-            for name in _registry(request).models
-        ],
-    }
+    cards = [ModelCard(id=name, created=created) for name in _registry(request).models]
+    return ModelList(data=cards).model_dump()
 
 
 @router.get("/health")

@@ -31,7 +31,7 @@ async def _chunks(
     async with aclosing(events):
         if shape.chat:
             for run in runs:
-                yield _data(shape.chunk(run.index, "", role=True))
+                yield _data(shape.role_chunk(run.index))
         try:
             pending = [first] if first is not None else []
             while True:
@@ -41,7 +41,7 @@ async def _chunks(
                 if event.piece is None:
                     yield _data(shape.final_chunk(event.run))
                 elif event.piece.text:
-                    yield _data(shape.chunk(event.run.index, event.piece.text))
+                    yield _data(shape.text_chunk(event.run.index, event.piece.text))
         except UpstreamError as error:
             yield _data(upstream_error_body(error))
             yield _data("[DONE]")
