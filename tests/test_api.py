@@ -1,0 +1,217 @@
+"""The proxy's HTTP API over real sockets, against scripted upstreams: shapes and errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.config import parse_config
+
+from .scripted import ScriptedUpstream
+from .servers import running
+
+USER = "Why is the sky blue?"
+BASE_PROMPT = f"{USER}\n"
+NUDGER_PROMPT = f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _script(base: ScriptedUpstream, nudger: ScriptedUpstream) -> None:
+    nudger.add(NUDGER_PROMPT, [("Sure", 0.9), ("!", 0.9), (" The", 0.9), (" sky", 0.9), (" is", 0.9)], eos=False)
+    base.add(BASE_PROMPT, [("Hmm", 0.1), (",", 0.9), (" well", 0.9)], eos=True)
+    base.add(BASE_PROMPT + "Sure!", [(" Well", 0.2)], eos=False)
+    base.add(
+        BASE_PROMPT + "Sure! The",
+        [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (" because", 0.9), (" of", 0.9), (".", 0.3)],
+        eos=False,
+    )
+    nudger.add(NUDGER_PROMPT + "Sure! The sky is blue because of", [(" light", 0.9), (".", 0.9), (" Bye", 0.9)])
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[str]:
+    base, nudger = ScriptedUpstream("base"), ScriptedUpstream("nudger")
+    _script(base, nudger)
+    with ExitStack() as stack:
+        base_url = stack.enter_context(running(base.app()))
+        nudger_url = stack.enter_context(running(nudger.app()))
+        config = parse_config({"models": [
+            {"name": "nudged", "base": {"url": base_url + "/v1", "model": "base"},
+             "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"},
+             "max_tokens_limit": 1000},
+            {"name": "base-only", "method": "base_only", "base": {"url": base_url + "/v1", "model": "base"}},
+            {"name": "aligned-only", "method": "nudging_only",
+             "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"}},
+        ]})
+        yield stack.enter_context(running(create_app(config)))
+
+
+def chat_body(**extra: Any) -> dict[str, Any]:
+    return {"model": "nudged", "messages": [{"role": "user", "content": USER}], **extra}
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_chat_completion_shape_and_provenance(proxy: str) -> None:
+    response = httpx.post(proxy + "/v1/chat/completions", json=chat_body(nudging={"return_provenance": True}))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Sure! The sky is blue because of light. Bye"}
+    assert choice["finish_reason"] == "stop"
+    report = choice["nudging"]
+    assert [s["source"] for s in report["spans"]] == ["nudging", "base", "nudging"]
+    assert report["spans"][1]["text"] == " sky is blue because of"
+    assert report["stop_reason"] == "nudging_model_stop"
+    assert body["usage"]["completion_tokens"] == report["tokens"]["base"] + report["tokens"]["nudging"]
+    assert body["usage"]["prompt_tokens"] == len(BASE_PROMPT)  # the scripted tokenizer counts characters
+
+
+def test_provenance_only_when_asked(proxy: str) -> None:
+    choice = httpx.post(proxy + "/v1/chat/completions", json=chat_body()).json()["choices"][0]
+    assert "nudging" not in choice
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_matches_non_stream(proxy: str, endpoint: str) -> None:
+    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT,
+                                                   "nudging": {"nudging_prompt": NUDGER_PROMPT}}
+    whole = httpx.post(proxy + endpoint, json=body).json()
+    with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True,
+                                                      "stream_options": {"include_usage": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+    content = chunks[:-1]
+    assert content[-1]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["choices"][0]["finish_reason"] is None for c in content[:-1])
+    if "chat" in endpoint:
+        assert content[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert content[0]["object"] == "chat.completion.chunk"
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in content)
+        assert text == whole["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["choices"][0]["text"] for c in content)
+        assert text == whole["choices"][0]["text"]
+
+
+def test_no_usage_chunk_unless_asked(proxy: str) -> None:
+    with httpx.stream("POST", proxy + "/v1/chat/completions", json=chat_body(stream=True)) as response:
+        events = sse_events(response)
+    assert all(event == "[DONE]" or event["choices"] for event in events)
+
+
+def test_max_tokens_is_exact(proxy: str) -> None:
+    body = httpx.post(proxy + "/v1/chat/completions", json=chat_body(max_tokens=4)).json()
+    assert body["usage"]["completion_tokens"] == 4
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == "Sure! The sky"
+
+
+def test_stop_string_across_pieces(proxy: str) -> None:
+    body = httpx.post(proxy + "/v1/chat/completions", json=chat_body(stop=["The sky"])).json()
+    assert body["choices"][0]["message"]["content"] == "Sure! "
+    assert body["choices"][0]["finish_reason"] == "stop"
+    body = httpx.post(proxy + "/v1/chat/completions", json=chat_body(stop="of light")).json()
+    assert body["choices"][0]["message"]["content"] == "Sure! The sky is blue because "
+
+
+def test_passthrough_models(proxy: str) -> None:
+    base = httpx.post(proxy + "/v1/chat/completions",
+                      json={"model": "base-only", "messages": [{"role": "user", "content": USER}]}).json()
+    assert base["choices"][0]["message"]["content"] == "Hmm, well"
+    aligned = httpx.post(proxy + "/v1/completions",
+                         json={"model": "aligned-only", "prompt": NUDGER_PROMPT, "max_tokens": 3}).json()
+    assert aligned["choices"][0]["text"] == "Sure! The"
+    assert aligned["choices"][0]["finish_reason"] == "length"
+
+
+def test_passthrough_forwards_fields_a_nudged_model_rejects(proxy: str) -> None:
+    response = httpx.post(proxy + "/v1/completions",
+                          json={"model": "base-only", "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+    assert response.status_code == 200
+    response = httpx.post(proxy + "/v1/completions",
+                          json={"model": "nudged", "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": "nudged", "messages": "hello"}, 400, "messages"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400,
+         "max_tokens"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400,
+         "max_tokens"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+         400, "tools"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "response_format":
+          {"type": "json_object"}}, 400, "response_format"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "nudging": {"bogus": 1}}, 400,
+         "nudging.bogus"),
+        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "nudging": {"threshold": 2}}, 400,
+         "nudging.threshold"),
+    ],
+)
+def test_bad_requests(proxy: str, body: dict[str, Any], status: int, param: str) -> None:
+    response = httpx.post(proxy + "/v1/chat/completions", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"] and error["type"]
+
+
+def test_malformed_json(proxy: str) -> None:
+    response = httpx.post(proxy + "/v1/completions", content=b'{"model": ',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_fields_are_ignored(proxy: str) -> None:
+    response = httpx.post(proxy + "/v1/chat/completions", json=chat_body(some_vendor_field={"x": 1}))
+    assert response.status_code == 200
+
+
+def test_models_health_ready(proxy: str) -> None:
+    models = httpx.get(proxy + "/v1/models").json()
+    assert [card["id"] for card in models["data"]] == ["nudged", "base-only", "aligned-only"]
+    assert httpx.get(proxy + "/health").json() == {"status": "ok"}
+    ready = httpx.get(proxy + "/ready")
+    assert ready.status_code == 200 and all(ready.json()["upstreams"].values())
+
+
+def test_upstream_down_is_a_clear_5xx() -> None:
+    config = parse_config({"models": [
+        {"name": "m", "base": {"url": "http://127.0.0.1:9/v1", "model": "b"},
+         "nudging": {"url": "http://127.0.0.1:9/v1", "model": "n", "chat_template": "chatml"}}]})
+    with running(create_app(config)) as proxy_url:
+        response = httpx.post(proxy_url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "x"}]})
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert "nudging" in error["message"] and "127.0.0.1" not in error["message"]
+        with httpx.stream("POST", proxy_url + "/v1/chat/completions", json={"model": "m", "stream": True,
+                          "messages": [{"role": "user", "content": "x"}]}) as streamed:
+            assert streamed.status_code == 502
+        assert httpx.get(proxy_url + "/ready").status_code == 503
