@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -13,43 +11,8 @@ import pytest
 from server.app import create_app
 from server.config import parse_config
 
-from .scripted import ScriptedUpstream
+from .conftest import BASE_PROMPT, NUDGER_PROMPT, USER
 from .servers import running
-
-USER = "Why is the sky blue?"
-BASE_PROMPT = f"{USER}\n"
-NUDGER_PROMPT = f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def _script(base: ScriptedUpstream, nudger: ScriptedUpstream) -> None:
-    nudger.add(NUDGER_PROMPT, [("Sure", 0.9), ("!", 0.9), (" The", 0.9), (" sky", 0.9), (" is", 0.9)], eos=False)
-    base.add(BASE_PROMPT, [("Hmm", 0.1), (",", 0.9), (" well", 0.9)], eos=True)
-    base.add(BASE_PROMPT + "Sure!", [(" Well", 0.2)], eos=False)
-    base.add(
-        BASE_PROMPT + "Sure! The",
-        [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (" because", 0.9), (" of", 0.9), (".", 0.3)],
-        eos=False,
-    )
-    nudger.add(NUDGER_PROMPT + "Sure! The sky is blue because of", [(" light", 0.9), (".", 0.9), (" Bye", 0.9)])
-
-
-@pytest.fixture(scope="module")
-def proxy() -> Iterator[str]:
-    base, nudger = ScriptedUpstream("base"), ScriptedUpstream("nudger")
-    _script(base, nudger)
-    with ExitStack() as stack:
-        base_url = stack.enter_context(running(base.app()))
-        nudger_url = stack.enter_context(running(nudger.app()))
-        config = parse_config({"models": [
-            {"name": "nudged", "base": {"url": base_url + "/v1", "model": "base"},
-             "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"},
-             "max_tokens_limit": 1000},
-            {"name": "base-only", "method": "base_only", "base": {"url": base_url + "/v1", "model": "base"}},
-            {"name": "aligned-only", "method": "nudging_only",
-             "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"}},
-        ]})
-        yield stack.enter_context(running(create_app(config)))
-
 
 def chat_body(**extra: Any) -> dict[str, Any]:
     return {"model": "nudged", "messages": [{"role": "user", "content": USER}], **extra}
