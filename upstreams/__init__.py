@@ -1,0 +1,1 @@
+"""Upstream servers shipped with the product (simulated and local models)."""

@@ -1,0 +1,65 @@
+"""The simulator's tokenizer, shared by all three profiles.
+
+A regular expression splits text into tokens:
+
+* ``"\\n"`` is always a token of its own, so line structure survives any split;
+* a run of two or more spaces is one token (``"  "``), so double spaces are visible;
+* a word (ASCII letters, digits and the apostrophe) carries its single leading space
+  (``" word"``), like the byte-pair tokenizers of real models;
+* any other non-space character (punctuation, any non-ASCII character) is a token,
+  again with its optional leading space (``" !"``, ``"é"``);
+* any remaining whitespace character (a lone space before a newline, a tab, ...) is a token.
+
+Every character matches one of the alternatives, so any unicode text tokenizes without error
+and ``"".join(tokenize(text)) == text``. Matching is greedy from the left and a token's extent
+depends only on the character right after it, so appending text can change only the last token
+of a text. The model uses :func:`can_follow` to emit only tokens that keep the earlier tokens
+intact, which makes its output re-tokenize stably.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+TOKEN_PATTERN: Final = re.compile(r"\n|  +| ?[A-Za-z0-9']+| ?[^\sA-Za-z0-9']|\s")
+
+_WORD_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'")
+
+
+def tokenize(text: str) -> list[str]:
+    """Split `text` into token strings; joining them gives `text` back."""
+    return TOKEN_PATTERN.findall(text)
+
+
+def count_tokens(text: str) -> int:
+    return sum(1 for _ in TOKEN_PATTERN.finditer(text))
+
+
+def is_word_char(char: str) -> bool:
+    return char in _WORD_CHARS
+
+
+def is_space_token(token: str) -> bool:
+    """Tokens made only of spaces carry no content; the model matches text without them."""
+    return token != "" and token.strip(" ") == ""
+
+
+def can_follow(previous: str, token: str) -> bool:
+    """Whether `token` written after the token `previous` leaves both tokens unchanged."""
+    if previous == "":
+        return True
+    return tokenize(previous + token) == [previous, token]
+
+
+def normal_form(token: str) -> str | None:
+    """The form under which the model compares tokens, or None for space-only tokens.
+
+    Case and the leading space are ignored, so "However, the" and "The" refer to the same
+    content word and "end.  Next" reads like "end. Next"; newlines and punctuation count.
+    """
+    if is_space_token(token):
+        return None
+    if token.startswith(" "):
+        token = token[1:]
+    return token.lower()
