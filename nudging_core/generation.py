@@ -117,11 +117,10 @@ class Generation:
             extra=request.passthrough_fields,
         )
         async with caller.stream_call(call) as stream:
+            # The upstream holds the same budget; reading to its end also gets its usage.
             async for token in stream:
                 piece = budget.take(Piece(token.text, role, (len(token.text),)))
-                yield piece
-                if budget.exhausted:
-                    self.stats.stop_reason = "length"
-                    return
+                if piece.num_tokens:
+                    yield piece
             finish_reason = stream.finish_reason
-        self.stats.stop_reason = "length" if finish_reason == "length" else f"{role}_stop"
+        self.stats.stop_reason = f"{role}_stop" if finish_reason == "stop" else "length"

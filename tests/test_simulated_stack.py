@@ -1,0 +1,124 @@
+"""The proxy in front of the simulator pair, everything over real sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from server.app import create_app as create_proxy
+from server.config import parse_config
+from upstreams.simulator.app import create_app as create_simulator
+
+from .servers import running
+
+QUESTION = "Why do leaves change color in autumn?"
+
+
+@dataclass
+class Stack:
+    proxy: str
+    base: str
+    aligned: str
+
+    def open_requests(self) -> int:
+        return sum(httpx.get(url + "/stats").json()["open_requests"] for url in (self.base, self.aligned))
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with ExitStack() as stack:
+        # Scaled latency: streams last long enough to be interrupted, tests stay quick.
+        base = stack.enter_context(running(create_simulator("base", time_scale=0.2)))
+        aligned = stack.enter_context(running(create_simulator("aligned", time_scale=0.2)))
+        config = parse_config({"models": [
+            {"name": "nudged", "base": {"url": base + "/v1", "model": "base"},
+             "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}},
+            {"name": "nudged-paper", "strategy": "paper", "base": {"url": base + "/v1", "model": "base"},
+             "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}},
+            {"name": "base", "method": "base_only", "base": {"url": base + "/v1", "model": "base"}},
+        ]})
+        proxy = stack.enter_context(running(create_proxy(config)))
+        yield Stack(proxy, base, aligned)
+
+
+def chat(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": QUESTION}], **extra}
+
+
+def streamed_text(response: httpx.Response) -> str:
+    text = ""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[6:])["choices"]:
+                text += choice["delta"].get("content") or ""
+    return text
+
+
+@pytest.mark.parametrize("model", ["nudged", "nudged-paper"])
+def test_stream_equals_non_stream_with_defaults(stack: Stack, model: str) -> None:
+    whole = httpx.post(stack.proxy + "/v1/chat/completions", json=chat(model), timeout=60).json()
+    with httpx.stream("POST", stack.proxy + "/v1/chat/completions", json=chat(model, stream=True),
+                      timeout=60) as response:
+        assert streamed_text(response) == whole["choices"][0]["message"]["content"]
+    assert whole["choices"][0]["message"]["content"]
+
+
+def test_client_disconnect_leaves_no_open_upstream_request(stack: Stack) -> None:
+    with httpx.stream("POST", stack.proxy + "/v1/chat/completions", json=chat("nudged", stream=True),
+                      timeout=60) as response:
+        # Leave mid-answer, at a moment an upstream request is known to be open.
+        open_seen = 0
+        for line in response.iter_lines():
+            assert line != "data: [DONE]", "the answer ended before an upstream request was seen open"
+            if line.startswith("data: ") and (open_seen := stack.open_requests()):
+                break
+        assert open_seen > 0
+    deadline = time.monotonic() + 0.5
+    while stack.open_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.open_requests() == 0
+
+
+def test_n_choices_with_seed_repeat_and_differ(stack: Stack) -> None:
+    body = chat("nudged", n=3, seed=7, temperature=1.0, max_tokens=60)
+    first = httpx.post(stack.proxy + "/v1/chat/completions", json=body, timeout=60).json()
+    again = httpx.post(stack.proxy + "/v1/chat/completions", json=body, timeout=60).json()
+    texts = [choice["message"]["content"] for choice in first["choices"]]
+    assert [choice["index"] for choice in first["choices"]] == [0, 1, 2]
+    assert texts == [choice["message"]["content"] for choice in again["choices"]]
+    assert len(set(texts)) > 1, "choices should be independent samples"
+    other_seed = httpx.post(stack.proxy + "/v1/chat/completions", json={**body, "seed": 8}, timeout=60).json()
+    assert [c["message"]["content"] for c in other_seed["choices"]] != texts
+    assert first["usage"]["completion_tokens"] <= 3 * 60
+
+
+def test_streamed_n_choices_interleave_and_each_finish(stack: Stack) -> None:
+    body = chat("nudged", n=2, seed=1, temperature=0.7, max_tokens=40, stream=True)
+    finished: dict[int, str] = {}
+    with httpx.stream("POST", stack.proxy + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:])["choices"]:
+                    if choice["finish_reason"]:
+                        finished[choice["index"]] = choice["finish_reason"]
+    assert set(finished) == {0, 1}
+
+
+def test_passthrough_usage_counts(stack: Stack) -> None:
+    body = httpx.post(stack.proxy + "/v1/chat/completions", json=chat("base", max_tokens=20), timeout=60).json()
+    assert body["usage"]["completion_tokens"] == 20
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["prompt_tokens"] > 5
+
+
+def test_nudged_usage_counts_the_base_prompt(stack: Stack) -> None:
+    body = httpx.post(stack.proxy + "/v1/chat/completions", json=chat("nudged", max_tokens=20), timeout=60).json()
+    tokenized = httpx.post(stack.base + "/tokenize", json={"prompt": f"{QUESTION}\n"}).json()["count"]
+    assert body["usage"]["prompt_tokens"] == tokenized
+    assert body["usage"]["completion_tokens"] == 20
