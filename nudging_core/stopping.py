@@ -7,16 +7,18 @@ from collections.abc import Sequence
 from nudging_core.types import Piece
 
 
-def split_piece(piece: Piece, at: int) -> tuple[Piece, Piece]:
-    """Cut a piece at a character offset; a token straddling the cut stays in the head only."""
+def split_piece(piece: Piece, at: int, *, straddler_in_tail: bool = False) -> tuple[Piece, Piece]:
+    """Cut a piece at a character offset; a token straddling the cut counts on one side only
+    (the head, unless `straddler_in_tail`)."""
     head_ends: list[int] = []
     tail_ends: list[int] = []
     start = 0
     for end in piece.token_ends:
-        if start < at:
+        in_head = end <= at if straddler_in_tail else start < at
+        if in_head:
             head_ends.append(min(end, at))
         else:
-            tail_ends.append(end - at)
+            tail_ends.append(max(end - at, 0))
         start = end
     return (
         Piece(piece.text[:at], piece.source, tuple(head_ends)),

@@ -34,7 +34,7 @@ def cleaned_pieces(pieces: list[Piece]) -> list[Piece]:
             continue
         middle = split_piece(piece, tail_cut)[0]
         if head_cut:
-            middle = split_piece(middle, head_cut)[1]
+            middle = split_piece(middle, head_cut, straddler_in_tail=True)[1]
         kept.append(middle)
     return kept
 

@@ -66,8 +66,10 @@ class NudgingContext:
         if lookahead.finish_reason != "stop":
             return None
         self.stats.fire("nudger_stop")
-        self.stats.stop_reason = "nudging_model_stop"
-        return self.accept(piece_from_tokens(lookahead.tokens, "nudging"))
+        whole = piece_from_tokens(lookahead.tokens, "nudging")
+        taken = self.accept(whole)
+        self.stats.stop_reason = "nudging_model_stop" if taken == whole else "length"
+        return taken
 
     def repeated(self, nudging_words: str) -> bool:
         """Step 5: the fourth identical set of nudging words in a row ends the generation."""

@@ -110,7 +110,9 @@ async def generate_fast(context: NudgingContext) -> AsyncIterator[Piece]:
         yield context.accept(context.nudging_piece(lookahead, nudging_words))
         if probe is None or context.budget.exhausted:
             continue
-        if probe.text == "":
+        # A one-token probe has empty text also when its token is half a character; only
+        # a probe the base ended at once is empty in `paper`'s sense.
+        if probe.text == "" and probe.finish_reason == "stop":
             context.stats.fire("empty_probe")
             continue
         async for piece in _continue_base(context, probe.tokens[0]):
