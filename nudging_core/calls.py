@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -109,7 +109,7 @@ class CountedStream:
     def finish_reason(self) -> str | None:
         return self.stream.finish_reason if self.stream is not None else None
 
-    async def __aiter__(self) -> AsyncIterator[Token]:
+    async def __aiter__(self) -> AsyncGenerator[Token, None]:
         assert self.stream is not None
         async for token in self.stream:
             self._stats.upstream_tokens[self._role] += 1

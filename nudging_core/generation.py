@@ -7,7 +7,7 @@ stop strings -> pieces the client may see.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -53,7 +53,7 @@ class Generation:
             self._clients[role], role, self.stats, self.request.sampling, self.request.choice_index
         )
 
-    async def pieces(self) -> AsyncIterator[Piece]:
+    async def pieces(self) -> AsyncGenerator[Piece, None]:
         prompt_role: Source = "nudging" if self.request.method == "nudging_only" else "base"
         counting = None
         if self.request.method == "nudging":
@@ -69,7 +69,7 @@ class Generation:
         reported = self.stats.prompt_tokens.get(prompt_role)
         self.prompt_tokens = counted if counted is not None else reported or 0
 
-    async def _filtered_pieces(self) -> AsyncIterator[Piece]:
+    async def _filtered_pieces(self) -> AsyncGenerator[Piece, None]:
         stop_filter = StopFilter(self.request.stop)
         try:
             async with aclosing(self._method_pieces()) as pieces:
@@ -87,7 +87,7 @@ class Generation:
             yield visible
         self.finish_reason = "length" if self.stats.stop_reason in LENGTH_REASONS else "stop"
 
-    def _method_pieces(self) -> AsyncIterator[Piece]:
+    def _method_pieces(self) -> AsyncGenerator[Piece, None]:
         request = self.request
         budget = Budget(request.max_tokens)
         if request.method == "nudging":
@@ -105,7 +105,7 @@ class Generation:
         prompt = request.base_prompt if role == "base" else request.nudging_prompt
         return self._passthrough(role, prompt, budget)
 
-    async def _passthrough(self, role: Source, prompt: str, budget: Budget) -> AsyncIterator[Piece]:
+    async def _passthrough(self, role: Source, prompt: str, budget: Budget) -> AsyncGenerator[Piece, None]:
         request = self.request
         caller = self._caller(role)
         call = caller.call(

@@ -6,7 +6,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import APIError, error_body
+from .errors import unauthorized
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 
@@ -33,8 +33,4 @@ class APIKeyMiddleware:
         if _authorized(headers.get("authorization"), self.keys):
             await self.app(scope, receive, send)
             return
-        from starlette.responses import JSONResponse
-
-        error = APIError(401, "Invalid or missing API key", type="authentication_error", code="invalid_api_key")
-        response = JSONResponse(error_body(error), status_code=401)
-        await response(scope, receive, send)
+        await unauthorized().to_response()(scope, receive, send)

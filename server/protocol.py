@@ -10,7 +10,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Required,  # pydantic needs this one before Python 3.12
+    TypeVar,
+)
 
 from pydantic import (
     AfterValidator,
@@ -25,7 +33,7 @@ from pydantic import (
     model_validator,
     with_config,
 )
-from typing_extensions import Required, TypedDict  # pydantic needs this one before Python 3.12
+from typing_extensions import TypedDict
 
 from server.errors import invalid_request, validation_error
 

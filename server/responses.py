@@ -71,7 +71,7 @@ class Shape:
         return provenance_report(run) if self.with_provenance else None
 
     def body(self, runs: list[ChoiceRun]) -> dict[str, Any]:
-        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": usage(runs)}
+        total = usage(runs)
         if self.chat:
             chat_choices = [
                 ChatCompletionChoice(
@@ -82,7 +82,9 @@ class Shape:
                 )
                 for run in runs
             ]
-            return ChatCompletionResponse(choices=chat_choices, **envelope).model_dump()
+            return ChatCompletionResponse(
+                id=self.id, created=self.created, model=self.model, choices=chat_choices, usage=total
+            ).model_dump()
         choices = [
             CompletionChoice(
                 index=run.index, text=run.text, finish_reason=run.generation.finish_reason,
@@ -90,23 +92,28 @@ class Shape:
             )
             for run in runs
         ]
-        return CompletionResponse(choices=choices, **envelope).model_dump()
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=total
+        ).model_dump()
 
     def _chunk(
         self, index: int, text: str | None, *, role: bool = False, finish_reason: str | None = None,
         report: NudgingReport | None = None,
     ) -> dict[str, Any]:
-        envelope = {"id": self.id, "created": self.created, "model": self.model}
         if self.chat:
             delta = DeltaMessage(role="assistant" if role else None, content=text)
             choice = ChatCompletionStreamChoice(
                 index=index, delta=delta, finish_reason=finish_reason, nudging=report
             )
-            return ChatCompletionStreamResponse(choices=[choice], **envelope).model_dump()
+            return ChatCompletionStreamResponse(
+                id=self.id, created=self.created, model=self.model, choices=[choice]
+            ).model_dump()
         stream_choice = CompletionStreamChoice(
             index=index, text=text or "", finish_reason=finish_reason, nudging=report
         )
-        return CompletionStreamResponse(choices=[stream_choice], **envelope).model_dump()
+        return CompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model, choices=[stream_choice]
+        ).model_dump()
 
     def role_chunk(self, index: int) -> dict[str, Any]:
         return self._chunk(index, "", role=True)
@@ -120,7 +127,11 @@ class Shape:
         )
 
     def usage_chunk(self, runs: list[ChoiceRun]) -> dict[str, Any]:
-        envelope = {"id": self.id, "created": self.created, "model": self.model, "usage": usage(runs)}
+        total = usage(runs)
         if self.chat:
-            return ChatCompletionStreamResponse(choices=[], **envelope).model_dump()
-        return CompletionStreamResponse(choices=[], **envelope).model_dump()
+            return ChatCompletionStreamResponse(
+                id=self.id, created=self.created, model=self.model, choices=[], usage=total
+            ).model_dump()
+        return CompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model, choices=[], usage=total
+        ).model_dump()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +64,9 @@ def _passthrough_fields(request: AnyRequest) -> dict[str, Any]:
     return {key: value for key, value in dumped.items() if key not in OWN_FIELDS}
 
 
-def generation_requests(served: ServedModel, request: AnyRequest, prompts: Prompts) -> list[GenerationRequest]:
+def generation_requests(
+    served: ServedModel, request: AnyRequest, prompts: Prompts
+) -> list[GenerationRequest]:
     method = served.config.method
     if method == "nudging":
         unsupported = unsupported_fields(request)
@@ -113,7 +115,7 @@ def make_runs(served: ServedModel, requests: list[GenerationRequest]) -> list[Ch
     return [ChoiceRun(r.choice_index, Generation(r, served.clients)) for r in requests]
 
 
-async def run_choices(runs: list[ChoiceRun]) -> AsyncIterator[PieceEvent]:
+async def run_choices(runs: list[ChoiceRun]) -> AsyncGenerator[PieceEvent, None]:
     """Pieces of all choices as they come; an error in one cancels the others."""
     if len(runs) == 1:
         run = runs[0]

@@ -7,7 +7,7 @@ at once gets a proper HTTP error instead of a 200 followed by an error event.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -25,7 +25,7 @@ def _data(payload: dict[str, Any] | str) -> dict[str, str]:
 
 
 async def _chunks(
-    shape: Shape, runs: list[ChoiceRun], first: PieceEvent | None, events: AsyncIterator[PieceEvent],
+    shape: Shape, runs: list[ChoiceRun], first: PieceEvent | None, events: AsyncGenerator[PieceEvent, None],
     include_usage: bool,
 ) -> AsyncIterator[dict[str, str]]:
     async with aclosing(events):
@@ -52,7 +52,7 @@ async def _chunks(
 
 
 async def stream_response(
-    shape: Shape, runs: list[ChoiceRun], events: AsyncIterator[PieceEvent], include_usage: bool
+    shape: Shape, runs: list[ChoiceRun], events: AsyncGenerator[PieceEvent, None], include_usage: bool
 ) -> EventSourceResponse:
     """Start the stream once the first event is known; upstream errors before it raise."""
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from nudging_core.stopping import split_piece
@@ -39,7 +39,7 @@ def cleaned_pieces(pieces: list[Piece]) -> list[Piece]:
     return kept
 
 
-async def nudge(context: NudgingContext) -> AsyncIterator[Piece]:
+async def nudge(context: NudgingContext) -> AsyncGenerator[Piece, None]:
     """Pieces of nudged text as they are decided (all at the end when clean-up is on)."""
     generate = generate_paper if context.params.strategy == "paper" else generate_fast
     async with aclosing(generate(context)) as pieces:

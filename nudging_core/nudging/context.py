@@ -94,13 +94,20 @@ def split_lookahead(context: NudgingContext, text: str) -> Lookahead:
 Prober = Callable[[Lookahead, int], Awaitable[Completion]]
 
 
-async def find_takeover(
-    context: NudgingContext, lookahead_text: str, probe_at: Prober
-) -> tuple[str, Completion | None]:
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """Where the base takes over: the boundary and its probe (both None when it does not)."""
+
+    nudging_words: str
+    boundary: int | None = None
+    probe: Completion | None = None
+
+
+async def find_takeover(context: NudgingContext, lookahead_text: str, probe_at: Prober) -> Takeover:
     """Step 4: the nudging words, and the probe of the boundary where the base takes over."""
     lookahead = split_lookahead(context, lookahead_text)
     if len(lookahead.words) == 1:
-        return lookahead.prefix(1), None
+        return Takeover(lookahead.prefix(1))
     for boundary in range(1, lookahead.last_boundary + 1):
         word = lookahead.words[boundary]
         if word == "":
@@ -110,6 +117,6 @@ async def find_takeover(
         first = probe.tokens[0] if probe.tokens else None
         if takes_over(first, word, context.params.threshold):
             context.stats.fire("takeover" if boundary == 1 else "takeover_after_first_word")
-            return lookahead.prefix(boundary), probe
+            return Takeover(lookahead.prefix(boundary), boundary, probe)
     context.stats.fire("no_takeover")
-    return lookahead.prefix(lookahead.last_boundary), None
+    return Takeover(lookahead.prefix(lookahead.last_boundary))

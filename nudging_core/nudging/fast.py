@@ -1,11 +1,12 @@
 """Strategy `fast`: the decisions of `paper`, with far fewer waits (DESIGN 3.2).
 
 - The nudger's lookahead is streamed, and the base is probed at a word boundary as soon
-  as the next word has begun, all probes of a round concurrently, each for one token.
-- The first boundary (in order) whose probe satisfies the rule wins; the others are
-  cancelled, including those still queued for an upstream slot.
-- The base's continuation is one streamed request, closed at the first uncertain token,
-  instead of 16-token chunks whose tails are thrown away.
+  as the next word has begun, all probes of a round concurrently.
+- Each probe is a streamed request that can *be* the continuation: the first token decides
+  the takeover; the winning probe's stream goes on as the base's continuation, so the base
+  is already writing while the lookahead finishes; losing probes are closed at once.
+- The continuation is closed at the first uncertain token (vLLM aborts a request whose
+  client disconnects) instead of fetching 16-token chunks and throwing the tails away.
 
 The step-7 repetition guards look at whole 16-token chunks, which this strategy never
 fetches, so they do not apply here.
@@ -14,8 +15,10 @@ fetches, so they do not apply here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractAsyncContextManager, aclosing
 
+from nudging_core.calls import CountedStream
 from nudging_core.types import Completion, Piece, Token
 
 from .context import NudgingContext, find_takeover
@@ -25,21 +28,63 @@ from .rules import Lookahead
 CONTINUATION_TOKENS = 256
 
 
+class ProbeStream:
+    """A streamed base request whose first token is a probe and whose rest may continue."""
+
+    def __init__(self, context: NudgingContext, prompt: str) -> None:
+        max_tokens = max(1, min(context.budget.remaining, CONTINUATION_TOKENS))
+        self._request: AbstractAsyncContextManager[CountedStream] = context.base.stream(
+            prompt, max_tokens, round_index=context.stats.rounds
+        )
+        self._stream: CountedStream | None = None
+        self._tokens: AsyncIterator[Token] | None = None
+        self._first = asyncio.create_task(self._open())
+        self._closed = False
+
+    async def _open(self) -> Completion:
+        self._stream = await self._request.__aenter__()
+        self._tokens = aiter(self._stream)
+        first = await anext(self._tokens, None)
+        finish = self._stream.finish_reason if first is None else None
+        return Completion((first,) if first is not None else (), finish)
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        """Awaiting a probe gives its first token as a one-token completion."""
+        return self._first.__await__()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stream.finish_reason if self._stream is not None else None
+
+    async def rest(self) -> AsyncGenerator[Token, None]:
+        assert self._tokens is not None
+        async for token in self._tokens:
+            yield token
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._first.done():
+            self._first.cancel()
+            await asyncio.gather(self._first, return_exceptions=True)
+        if self._stream is not None:
+            await self._request.__aexit__(None, None, None)
+
+
 class _Probes:
     """The base probes of one round, keyed by word boundary."""
 
     def __init__(self, context: NudgingContext) -> None:
         self._context = context
-        self._tasks: dict[int, asyncio.Task[Completion]] = {}
+        self._probes: dict[int, ProbeStream] = {}
 
-    def launch(self, lookahead: Lookahead, boundary: int) -> asyncio.Task[Completion]:
-        if boundary not in self._tasks:
+    def launch(self, lookahead: Lookahead, boundary: int) -> ProbeStream:
+        if boundary not in self._probes:
             context = self._context
             prompt = context.base_prompt + context.output + lookahead.prefix(boundary)
-            self._tasks[boundary] = asyncio.create_task(
-                context.base.complete(prompt, 1, round_index=context.stats.rounds)
-            )
-        return self._tasks[boundary]
+            self._probes[boundary] = ProbeStream(context, prompt)
+        return self._probes[boundary]
 
     def launch_started_words(self, partial_text: str) -> None:
         """Probe every boundary whose following word has begun: its prompt is final."""
@@ -48,11 +93,13 @@ class _Probes:
             if lookahead.words[boundary]:
                 self.launch(lookahead, boundary)
 
-    async def cancel(self) -> None:
-        pending = [task for task in self._tasks.values() if not task.done()]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    def take(self, boundary: int) -> ProbeStream:
+        """Keep the winning probe open: it is no longer closed with the others."""
+        return self._probes.pop(boundary)
+
+    async def close(self) -> None:
+        probes, self._probes = list(self._probes.values()), {}
+        await asyncio.gather(*(probe.close() for probe in probes), return_exceptions=True)
 
 
 async def _stream_lookahead(context: NudgingContext, probes: _Probes) -> Completion:
@@ -71,49 +118,69 @@ async def _stream_lookahead(context: NudgingContext, probes: _Probes) -> Complet
     return Completion(tuple(tokens), finish_reason)
 
 
-async def _continue_base(context: NudgingContext, first: Token) -> AsyncIterator[Piece]:
-    stats = context.stats
+async def _base_tokens(context: NudgingContext, probe: ProbeStream) -> AsyncGenerator[Token, None]:
+    """The base's continuation after the probe's first token, across as many streams as needed."""
+    try:
+        while True:
+            async for token in probe.rest():
+                yield token
+            finish_reason = probe.finish_reason
+            await probe.close()
+            if finish_reason == "stop":
+                context.stats.fire("base_stop")
+                return
+            probe = ProbeStream(context, context.base_prompt + context.output)
+            for token in (await probe).tokens:
+                yield token
+    finally:
+        await probe.close()
+
+
+async def _continue_base(
+    context: NudgingContext, probe: ProbeStream, first: Token
+) -> AsyncGenerator[Piece, None]:
+    """Step 7 as streams, closed at the first uncertain token."""
     yield context.accept_tokens([first])
-    while not context.budget.exhausted:
-        max_tokens = min(context.budget.remaining, CONTINUATION_TOKENS)
-        async with context.base.stream(
-            context.base_prompt + context.output, max_tokens, round_index=stats.rounds
-        ) as stream:
-            async for token in stream:
-                if token.top_prob < context.params.threshold:
-                    stats.fire("uncertain_token")
-                    return
-                yield context.accept_tokens([token])
-                if context.budget.exhausted:
-                    break
-            finish_reason = stream.finish_reason
-        if finish_reason == "stop":
-            stats.fire("base_stop")
-            return
-    stats.fire("budget_in_continuation")
+    async with aclosing(_base_tokens(context, probe)) as tokens:
+        async for token in tokens:
+            if token.top_prob < context.params.threshold:
+                context.stats.fire("uncertain_token")
+                return
+            yield context.accept_tokens([token])
+            if context.budget.exhausted:
+                context.stats.fire("budget_in_continuation")
+                return
 
 
-async def generate_fast(context: NudgingContext) -> AsyncIterator[Piece]:
+async def generate_fast(context: NudgingContext) -> AsyncGenerator[Piece, None]:
     while context.start_round():
         probes = _Probes(context)
+        winner: ProbeStream | None = None
         try:
             lookahead = await _stream_lookahead(context, probes)
             final = context.nudger_finished(lookahead)
             if final is not None:
                 yield final
                 return
-            nudging_words, probe = await find_takeover(context, lookahead.text, probes.launch)
+            takeover = await find_takeover(context, lookahead.text, probes.launch)
+            if takeover.boundary is not None:
+                winner = probes.take(takeover.boundary)
         finally:
-            await probes.cancel()
-        if context.repeated(nudging_words):
-            return
-        yield context.accept(context.nudging_piece(lookahead, nudging_words))
-        if probe is None or context.budget.exhausted:
-            continue
-        # A one-token probe has empty text also when its token is half a character; only
-        # a probe the base ended at once is empty in `paper`'s sense.
-        if probe.text == "" and probe.finish_reason == "stop":
-            context.stats.fire("empty_probe")
-            continue
-        async for piece in _continue_base(context, probe.tokens[0]):
-            yield piece
+            await probes.close()
+        try:
+            if context.repeated(takeover.nudging_words):
+                return
+            yield context.accept(context.nudging_piece(lookahead, takeover.nudging_words))
+            probe = takeover.probe
+            if probe is None or winner is None or context.budget.exhausted:
+                continue
+            # A one-token probe has empty text also when its token is half a character; only
+            # a probe the base ended at once is empty in `paper`'s sense.
+            if probe.text == "" and probe.finish_reason == "stop":
+                context.stats.fire("empty_probe")
+                continue
+            async for piece in _continue_base(context, winner, probe.tokens[0]):
+                yield piece
+        finally:
+            if winner is not None:
+                await winner.close()

@@ -5,22 +5,22 @@ Sequential, whole-chunk requests; the correctness oracle for every faster strate
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-from nudging_core.types import Completion, Piece
+from nudging_core.types import Completion, Piece, Token
 
 from .context import NudgingContext, find_takeover
 from .rules import Lookahead, certain_prefix, copies_output
 
 
-async def _continue_base(context: NudgingContext, probe: Completion) -> AsyncIterator[Piece]:
+async def _continue_base(context: NudgingContext, probe: Completion) -> AsyncGenerator[Piece, None]:
     """Step 7: the base continues in chunks until it is uncertain, loops, stops or runs out."""
     params = context.params
     stats = context.stats
     first_piece = context.accept_tokens(probe.tokens[:1])
     yield first_piece
     accepted = first_piece.text
-    chunk = probe.tokens[1:]
+    chunk: list[Token] = list(probe.tokens[1:])
     fetched_here = False
     finish_reason: str | None = None
     while not context.budget.exhausted:
@@ -51,7 +51,7 @@ async def _continue_base(context: NudgingContext, probe: Completion) -> AsyncIte
     stats.fire("budget_in_continuation")
 
 
-async def generate_paper(context: NudgingContext) -> AsyncIterator[Piece]:
+async def generate_paper(context: NudgingContext) -> AsyncGenerator[Piece, None]:
     params = context.params
     while context.start_round():
         lookahead = await context.nudger.complete(
@@ -71,10 +71,11 @@ async def generate_paper(context: NudgingContext) -> AsyncIterator[Piece]:
                 round_index=context.stats.rounds,
             )
 
-        nudging_words, probe = await find_takeover(context, lookahead.text, probe_at)
-        if context.repeated(nudging_words):
+        takeover = await find_takeover(context, lookahead.text, probe_at)
+        if context.repeated(takeover.nudging_words):
             return
-        yield context.accept(context.nudging_piece(lookahead, nudging_words))
+        yield context.accept(context.nudging_piece(lookahead, takeover.nudging_words))
+        probe = takeover.probe
         if probe is None or context.budget.exhausted:
             continue
         if probe.text == "":
