@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nudging_core.templates import BUILTIN_TEMPLATES
-from nudging_core.upstream import Timeouts
+from nudging_core.upstream import DIALECT_NAMES, Timeouts
 
 Method = Literal["nudging", "base_only", "nudging_only"]
 ROLES_NEEDED: dict[str, tuple[str, ...]] = {
@@ -42,6 +42,7 @@ class UpstreamConfig(Strict):
     url: str = Field(description="base URL of the OpenAI-compatible API, e.g. http://vllm-base:8000/v1")
     model: str
     api_key_env: str | None = None
+    dialect: str = Field("auto", description="wire format: auto (from /v1/models) or a server name")
     chat_template: str | None = Field(
         None, description="nudger only: a built-in template name or a path to a jinja file"
     )
@@ -56,6 +57,13 @@ class UpstreamConfig(Strict):
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return url
+
+    @field_validator("dialect")
+    @classmethod
+    def _known_dialect(cls, name: str) -> str:
+        if name not in DIALECT_NAMES:
+            raise ValueError(f"unknown dialect {name!r}; use one of {', '.join(DIALECT_NAMES)}")
+        return name
 
     @field_validator("chat_template")
     @classmethod

@@ -23,7 +23,7 @@ class ModelRegistry:
     """Builds one pooled client per distinct upstream and shares it between model names."""
 
     def __init__(self, config: Config) -> None:
-        self._clients: dict[tuple[str, str, str | None, str], UpstreamClient] = {}
+        self._clients: dict[tuple[str, str, str | None, str, str], UpstreamClient] = {}
         self.models: dict[str, ServedModel] = {}
         for model in config.models:
             clients: dict[Source, UpstreamClient] = {}
@@ -41,13 +41,14 @@ class ModelRegistry:
             self.models[model.name] = ServedModel(model, clients, template)
 
     def _client(self, upstream: UpstreamConfig, role: Source) -> UpstreamClient:
-        key = (upstream.url, upstream.model, upstream.api_key_env, role)
+        key = (upstream.url, upstream.model, upstream.api_key_env, upstream.dialect, role)
         if key not in self._clients:
             self._clients[key] = UpstreamClient(
                 upstream.url,
                 upstream.model,
                 role=role,
                 api_key=upstream.api_key(),
+                dialect=upstream.dialect,
                 timeouts=upstream.timeouts.to_timeouts(),
                 max_in_flight=upstream.max_in_flight,
             )

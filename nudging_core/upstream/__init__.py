@@ -1,9 +1,12 @@
 """Clients for OpenAI-compatible completions upstreams."""
 
-from .client import CompletionCall, CompletionStream, Timeouts, UpstreamClient
+from .call import CompletionCall
+from .client import CompletionStream, Timeouts, UpstreamClient
+from .dialects import DIALECT_NAMES
 from .errors import ContextOverflow, UpstreamError, UpstreamTimeout
 
 __all__ = [
+    "DIALECT_NAMES",
     "CompletionCall",
     "CompletionStream",
     "ContextOverflow",

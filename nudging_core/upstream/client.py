@@ -1,4 +1,4 @@
-"""Async client for one OpenAI-compatible `/v1/completions` upstream.
+"""Async client for one completions upstream, whatever its dialect.
 
 One pooled httpx client per upstream, a bound on requests in flight, and streams whose
 early exit closes the HTTP response: vLLM aborts a request when its client disconnects,
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -18,8 +18,9 @@ import httpx
 
 from nudging_core.types import Completion, Token
 
+from .call import CompletionCall
+from .dialects import DIALECTS, Dialect, Parser, Request, detect
 from .errors import ContextOverflow, UpstreamError, UpstreamTimeout
-from .parse import parse_tokens
 
 CONTEXT_OVERFLOW_MARKERS = ("maximum context length", "context length", "exceeds the available context")
 
@@ -35,42 +36,7 @@ class Timeouts:
         return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
 
 
-@dataclass(frozen=True, slots=True)
-class CompletionCall:
-    """One completions request, in the proxy's terms."""
-
-    prompt: str
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    logprobs: int | None = 1
-    stop: tuple[str, ...] = ()
-    # Client fields a passthrough method forwards as they came; ours take precedence.
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def body(self, model: str, *, stream: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            **self.extra,
-            "model": model,
-            "prompt": self.prompt,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stream": stream,
-        }
-        if self.logprobs is not None:
-            body["logprobs"] = self.logprobs
-        if self.seed is not None:
-            body["seed"] = self.seed
-        if self.stop:
-            body["stop"] = list(self.stop)
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-
-def _error_message(role: str, response_text: str) -> str:
+def _error_message(response_text: str) -> str:
     try:
         payload = json.loads(response_text)
     except ValueError:
@@ -84,7 +50,7 @@ def _error_message(role: str, response_text: str) -> str:
 def _raise_for_status(role: str, status: int, body_text: str) -> None:
     if status < 400:
         return
-    message = _error_message(role, body_text)
+    message = _error_message(body_text)
     if status == 400 and any(marker in message.lower() for marker in CONTEXT_OVERFLOW_MARKERS):
         raise ContextOverflow(role, message, status_code=status)
     raise UpstreamError(role, f"HTTP {status}: {message}", status_code=status)
@@ -100,6 +66,7 @@ class UpstreamClient:
         *,
         role: str,
         api_key: str | None = None,
+        dialect: str = "auto",
         timeouts: Timeouts = Timeouts(),
         max_in_flight: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -115,41 +82,68 @@ class UpstreamClient:
             transport=transport,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._max_model_len: int | None = None
+        self._dialect: Dialect | None = None if dialect == "auto" else DIALECTS[dialect]()
+        self._detecting = asyncio.Lock()
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def dialect(self) -> Dialect:
+        """The configured dialect, or the one `/v1/models` reveals (asked once)."""
+        if self._dialect is None:
+            async with self._detecting:
+                if self._dialect is None:
+                    self._dialect = detect(await self._get_json("models"))
+        return self._dialect
+
+    async def _get_json(self, path: str) -> Any:
+        try:
+            response = await self._http.get(path)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(self.role, "timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
+        _raise_for_status(self.role, response.status_code, response.text)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(self.role, "malformed JSON answer") from exc
+
+    async def _post_json(self, request: Request) -> Any:
+        try:
+            response = await self._http.post(request.path, json=request.body)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(self.role, "timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
+        _raise_for_status(self.role, response.status_code, response.text)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(self.role, "malformed JSON answer") from exc
+
     async def complete(self, call: CompletionCall) -> Completion:
+        dialect = await self.dialect()
+        parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=False)
         async with self._slots:
-            try:
-                response = await self._http.post("completions", json=call.body(self.model, stream=False))
-            except httpx.TimeoutException as exc:
-                raise UpstreamTimeout(self.role, "timed out") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
-            _raise_for_status(self.role, response.status_code, response.text)
-            try:
-                payload = response.json()
-                choice = payload["choices"][0]
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                raise UpstreamError(self.role, "malformed completions response") from exc
-            tokens = parse_tokens(self.role, choice, need_logprobs=call.logprobs is not None)
-            usage = payload.get("usage") or {}
-            return Completion(tuple(tokens), choice.get("finish_reason"), usage.get("prompt_tokens"))
+            reply = parse(await self._post_json(dialect.completion(call, self.model, stream=False)))
+        return Completion(tuple(reply.tokens), reply.finish_reason, reply.prompt_tokens)
 
     def stream(self, call: CompletionCall) -> CompletionStream:
         return CompletionStream(self, call)
 
     async def count_tokens(self, prompt: str) -> int | None:
-        """Prompt size by the upstream's own tokenizer (vLLM's `/tokenize`), if it has one."""
-        root = str(self._http.base_url).rstrip("/").removesuffix("/v1")
+        """Prompt size by the upstream's own tokenizer, if it offers one."""
         try:
-            response = await self._http.post(f"{root}/tokenize", json={"model": self.model, "prompt": prompt})
-            count = response.json().get("count") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
+            dialect = await self.dialect()
+            return dialect.token_count(await self._post_json(dialect.tokenize(self.model, prompt)))
+        except UpstreamError:
             return None
-        return count if isinstance(count, int) else None
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
+        """The chat rendered by the upstream's own template, if it can render one."""
+        dialect = await self.dialect()
+        return await dialect.render_chat(self._post_json, self.model, messages)
 
     async def ready(self) -> bool:
         try:
@@ -157,19 +151,6 @@ class UpstreamClient:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
-
-    async def max_model_len(self) -> int | None:
-        """The upstream's context length as its `/v1/models` reports it (vLLM does)."""
-        if self._max_model_len is None:
-            try:
-                response = await self._http.get("models")
-                cards = response.json().get("data", [])
-            except (httpx.HTTPError, ValueError, AttributeError):
-                return None
-            for card in cards:
-                if card.get("id") == self.model and isinstance(card.get("max_model_len"), int):
-                    self._max_model_len = card["max_model_len"]
-        return self._max_model_len
 
 
 class CompletionStream:
@@ -179,6 +160,7 @@ class CompletionStream:
         self._client = client
         self._call = call
         self._response: httpx.Response | None = None
+        self._parse: Parser | None = None
         self._slot_held = False
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
@@ -186,12 +168,13 @@ class CompletionStream:
 
     async def __aenter__(self) -> CompletionStream:
         client = self._client
+        dialect = await client.dialect()
+        self._parse = dialect.parser(client.role, need_logprobs=self._call.logprobs is not None, stream=True)
+        wire = dialect.completion(self._call, client.model, stream=True)
         await client._slots.acquire()
         self._slot_held = True
-        request = client._http.build_request(
-            "POST", "completions", json=self._call.body(client.model, stream=True)
-        )
         try:
+            request = client._http.build_request("POST", wire.path, json=wire.body)
             self._response = await client._http.send(request, stream=True)
         except httpx.TimeoutException as exc:
             self._release()
@@ -225,35 +208,32 @@ class CompletionStream:
         finally:
             self._release()
 
-    def __aiter__(self) -> AsyncIterator[Token]:
+    def __aiter__(self) -> AsyncGenerator[Token, None]:
         return self._tokens()
 
-    async def _tokens(self) -> AsyncIterator[Token]:
-        assert self._response is not None, "use `async with` before iterating"
+    async def _tokens(self) -> AsyncGenerator[Token, None]:
+        assert self._response is not None and self._parse is not None, "use `async with` first"
         role = self._client.role
-        need_logprobs = self._call.logprobs is not None
         try:
             async for line in self._response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    self.completed = True
-                    return
+                    break
                 try:
                     payload = json.loads(data)
                 except ValueError as exc:
                     raise UpstreamError(role, "malformed stream event") from exc
-                if "error" in payload:
-                    raise UpstreamError(role, f"stream error: {_error_message(role, data)}")
-                usage = payload.get("usage")
-                if usage:
-                    self.prompt_tokens = usage.get("prompt_tokens")
-                for choice in payload.get("choices") or []:
-                    for token in parse_tokens(role, choice, need_logprobs=need_logprobs):
-                        yield token
-                    if choice.get("finish_reason"):
-                        self.finish_reason = choice["finish_reason"]
+                if isinstance(payload, dict) and "error" in payload:
+                    raise UpstreamError(role, f"stream error: {_error_message(data)}")
+                reply = self._parse(payload)
+                for token in reply.tokens:
+                    yield token
+                self.finish_reason = reply.finish_reason or self.finish_reason
+                self.prompt_tokens = reply.prompt_tokens or self.prompt_tokens
+                if reply.last:
+                    break
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(role, "timed out mid-stream") from exc
         except httpx.HTTPError as exc:

@@ -1,0 +1,125 @@
+"""The OpenAI legacy completions shape: vLLM, SGLang, llama-cpp-python's server, ours.
+
+They report, per generated token, the token string (vLLM: `bytes:\\x..` for partial UTF-8),
+its logprob, a top-k dict and the token's character offset into the decoded text. The
+decoded text is what we forward, so token texts are cut from it by those offsets; the raw
+token strings are only used when they already join to the text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from nudging_core.types import Token
+
+from ..call import CompletionCall
+from ..errors import UpstreamError
+from .base import Dialect, Parser, Reply, Request, Sender
+
+NEG_INF = -math.inf
+
+
+def _top_logprob(chosen: float | None, top: dict[str, float] | None) -> float:
+    candidates = [v for v in (top or {}).values() if v is not None]
+    if chosen is not None:
+        candidates.append(chosen)
+    return max(candidates) if candidates else NEG_INF
+
+
+def _token_texts(text: str, tokens: list[str], offsets: list[int] | None) -> list[str]:
+    if "".join(tokens) == text:
+        return list(tokens)
+    if offsets and len(offsets) == len(tokens):
+        start = offsets[0]
+        relative = [o - start for o in offsets]
+        if relative == sorted(relative) and relative[-1] <= len(text):
+            bounds = relative + [len(text)]
+            return [text[bounds[i] : bounds[i + 1]] for i in range(len(tokens))]
+    # Undecodable alignment: keep the text whole on the last token so nothing is lost.
+    return [""] * (len(tokens) - 1) + [text] if tokens else []
+
+
+def parse_tokens(role: str, choice: dict[str, Any], *, need_logprobs: bool) -> list[Token]:
+    """Tokens of one choice (a whole completion or one streamed delta)."""
+    text = choice.get("text") or ""
+    logprobs = choice.get("logprobs")
+    if not logprobs or logprobs.get("tokens") is None:
+        if need_logprobs and text:
+            raise UpstreamError(role, "response carries no logprobs; nudging needs them")
+        return [Token(text, 0.0, 0.0)] if text else []
+    raw_tokens: list[str] = list(logprobs["tokens"])
+    token_logprobs: list[float | None] = list(logprobs.get("token_logprobs") or [None] * len(raw_tokens))
+    tops: list[dict[str, float] | None] = list(logprobs.get("top_logprobs") or [None] * len(raw_tokens))
+    texts = _token_texts(text, raw_tokens, logprobs.get("text_offset"))
+    result = []
+    for piece, chosen, top in zip(texts, token_logprobs, tops, strict=False):
+        best = _top_logprob(chosen, top)
+        if need_logprobs and best == NEG_INF:
+            raise UpstreamError(role, "response carries no logprobs; nudging needs them")
+        result.append(Token(piece, chosen if chosen is not None else best, best, top))
+    return result
+
+
+def _choice_reply(role: str, payload: dict[str, Any], *, need_logprobs: bool) -> Reply:
+    reply = Reply()
+    usage = payload.get("usage")
+    if isinstance(usage, dict):
+        reply.prompt_tokens = usage.get("prompt_tokens")
+    for choice in payload.get("choices") or []:
+        reply.tokens.extend(parse_tokens(role, choice, need_logprobs=need_logprobs))
+        reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
+    return reply
+
+
+class OpenAICompletions(Dialect):
+    name: ClassVar[str] = "openai"
+
+    def completion(self, call: CompletionCall, model: str, *, stream: bool) -> Request:
+        body: dict[str, Any] = {
+            **call.extra,
+            "model": model,
+            "prompt": call.prompt,
+            "max_tokens": call.max_tokens,
+            "temperature": call.temperature,
+            "top_p": call.top_p,
+            "stream": stream,
+        }
+        if call.logprobs is not None:
+            body["logprobs"] = call.logprobs
+        if call.seed is not None:
+            body["seed"] = call.seed
+        if call.stop:
+            body["stop"] = list(call.stop)
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return Request("completions", body)
+
+    def parser(self, role: str, *, need_logprobs: bool, stream: bool) -> Parser:
+        def parse(payload: Any) -> Reply:
+            # A stream's usage event has no choices; a whole response always has one.
+            if not isinstance(payload, dict) or (not stream and not payload.get("choices")):
+                raise UpstreamError(role, "malformed completions response")
+            return _choice_reply(role, payload, need_logprobs=need_logprobs)
+
+        return parse
+
+    def tokenize(self, model: str, prompt: str) -> Request:
+        # vLLM serves /tokenize at the server root, beside /v1.
+        return Request("../tokenize", {"model": model, "prompt": prompt})
+
+    def token_count(self, payload: Any) -> int | None:
+        count = payload.get("count") if isinstance(payload, dict) else None
+        return count if isinstance(count, int) else None
+
+    async def render_chat(self, send: Sender, model: str, messages: list[dict[str, str]]) -> str | None:
+        # vLLM renders a chat only into token ids; detokenizing them gives the prompt text.
+        tokenized = await send(
+            Request("../tokenize", {"model": model, "messages": messages, "add_generation_prompt": True})
+        )
+        tokens = tokenized.get("tokens") if isinstance(tokenized, dict) else None
+        if not isinstance(tokens, list):
+            return None
+        detokenized = await send(Request("../detokenize", {"model": model, "tokens": tokens}))
+        prompt = detokenized.get("prompt") if isinstance(detokenized, dict) else None
+        return prompt if isinstance(prompt, str) else None
