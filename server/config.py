@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nudging_core.templates import BUILTIN_TEMPLATES
+from nudging_core.templates import AUTO_TEMPLATE, BUILTIN_TEMPLATES, JINJA_SUFFIXES
 from nudging_core.upstream import DIALECT_NAMES, Timeouts
 
 Method = Literal["nudging", "base_only", "nudging_only"]
@@ -44,7 +44,7 @@ class UpstreamConfig(Strict):
     api_key_env: str | None = None
     dialect: str = Field("auto", description="wire format: auto (from /v1/models) or a server name")
     chat_template: str | None = Field(
-        None, description="nudger only: a built-in template name or a path to a jinja file"
+        None, description="nudger only: a built-in name, auto (the upstream renders it) or a jinja file"
     )
     bos_token: str = ""
     eos_token: str = ""
@@ -68,10 +68,15 @@ class UpstreamConfig(Strict):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, name: str | None) -> str | None:
-        if name is None or name in BUILTIN_TEMPLATES or name.endswith((".jinja", ".j2")):
+        if name is None or name in BUILTIN_TEMPLATES or name == AUTO_TEMPLATE:
+            return name
+        if name.endswith(JINJA_SUFFIXES):
+            if not Path(name).is_file():
+                raise ValueError(f"template file {name} does not exist")
             return name
         raise ValueError(
-            f"unknown template {name!r}; use one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
+            f"unknown template {name!r}; use one of {', '.join(BUILTIN_TEMPLATES)}, "
+            f"{AUTO_TEMPLATE!r} (rendered by the upstream) or a .jinja file"
         )
 
     def api_key(self) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from nudging_core.templates import ChatTemplate, get_chat_template
+from nudging_core.templates import AUTO_TEMPLATE, ChatTemplate, get_chat_template
 from nudging_core.types import Source
 from nudging_core.upstream import UpstreamClient
 
@@ -17,6 +17,11 @@ class ServedModel:
     config: ModelConfig
     clients: dict[Source, UpstreamClient]
     chat_template: ChatTemplate | None
+
+    @property
+    def uses_upstream_template(self) -> bool:
+        nudging = self.config.nudging
+        return nudging is not None and nudging.chat_template == AUTO_TEMPLATE
 
 
 class ModelRegistry:
@@ -32,7 +37,7 @@ class ModelRegistry:
             if model.nudging is not None:
                 clients["nudging"] = self._client(model.nudging, "nudging")
             template = None
-            if model.nudging is not None and model.nudging.chat_template is not None:
+            if model.nudging is not None and model.nudging.chat_template not in (None, AUTO_TEMPLATE):
                 template = get_chat_template(
                     model.nudging.chat_template,
                     bos_token=model.nudging.bos_token,

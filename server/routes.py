@@ -54,13 +54,13 @@ async def _respond(served: ServedModel, body: AnyRequest, prompts: Prompts, *, c
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     served = _served(request, body.model)
-    return await _respond(served, body, completion_prompts(served, body), chat=False)
+    return await _respond(served, body, await completion_prompts(served, body), chat=False)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     served = _served(request, body.model)
-    return await _respond(served, body, chat_prompts(served, body), chat=True)
+    return await _respond(served, body, await chat_prompts(served, body), chat=True)
 
 
 @router.get("/v1/models")

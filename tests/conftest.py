@@ -41,6 +41,8 @@ def proxy() -> Iterator[str]:
             {"name": "nudged", "base": {"url": base_url + "/v1", "model": "base"},
              "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"},
              "max_tokens_limit": 1000},
+            {"name": "nudged-auto", "base": {"url": base_url + "/v1", "model": "base"},
+             "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "auto"}},
             {"name": "base-only", "method": "base_only", "base": {"url": base_url + "/v1", "model": "base"}},
             {"name": "aligned-only", "method": "nudging_only",
              "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"}},

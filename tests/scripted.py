@@ -87,8 +87,19 @@ class ScriptedUpstream:
 
         @app.post("/tokenize")
         async def tokenize(request: Request) -> dict[str, Any]:
+            # Like vLLM: a prompt is counted; messages are rendered (here as chatml) into
+            # "token ids", one per character.
             body = await request.json()
+            if "messages" in body:
+                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"])
+                text += "<|im_start|>assistant\n"
+                return {"tokens": [ord(c) for c in text], "count": len(text), "max_model_len": 4096}
             return {"count": len(body["prompt"]), "max_model_len": 4096}
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request) -> dict[str, Any]:
+            body = await request.json()
+            return {"prompt": "".join(chr(t) for t in body["tokens"])}
 
         return app
 

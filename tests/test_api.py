@@ -158,7 +158,7 @@ def test_unknown_fields_are_ignored(proxy: str) -> None:
 
 def test_models_health_ready(proxy: str) -> None:
     models = httpx.get(proxy + "/v1/models").json()
-    assert [card["id"] for card in models["data"]] == ["nudged", "base-only", "aligned-only"]
+    assert [card["id"] for card in models["data"]] == ["nudged", "nudged-auto", "base-only", "aligned-only"]
     assert httpx.get(proxy + "/health").json() == {"status": "ok"}
     ready = httpx.get(proxy + "/ready")
     assert ready.status_code == 200 and all(ready.json()["upstreams"].values())
@@ -178,3 +178,11 @@ def test_upstream_down_is_a_clear_5xx() -> None:
                           "messages": [{"role": "user", "content": "x"}]}) as streamed:
             assert streamed.status_code == 502
         assert httpx.get(proxy_url + "/ready").status_code == 503
+
+
+def test_auto_template_is_rendered_by_the_upstream(proxy: str) -> None:
+    # The `nudged-auto` model asks the aligned upstream to render its chat template.
+    auto = httpx.post(proxy + "/v1/chat/completions",
+                      json={"model": "nudged-auto", "messages": [{"role": "user", "content": USER}]}).json()
+    builtin = httpx.post(proxy + "/v1/chat/completions", json=chat_body()).json()
+    assert auto["choices"][0]["message"]["content"] == builtin["choices"][0]["message"]["content"]

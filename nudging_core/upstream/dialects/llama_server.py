@@ -39,7 +39,8 @@ def _parse(
     reply = Reply(last=bool(payload.get("stop")) or not stream)
     if probabilities:
         for entry in probabilities:
-            top = {str(t.get("token")): float(t.get("logprob", -math.inf)) for t in entry.get("top_logprobs") or []}
+            alternatives = entry.get("top_logprobs") or []
+            top = {str(t.get("token")): float(t.get("logprob", -math.inf)) for t in alternatives}
             chosen = float(entry.get("logprob", -math.inf))
             best = max([chosen, *top.values()])
             reply.tokens.append(Token(decode(_token_bytes(entry)), chosen, best, top))
