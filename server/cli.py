@@ -12,7 +12,7 @@ from upstreams.simulator import app as simulator
 
 from .app import create_app
 from .config import Config, ConfigError, load_config
-from .simstack import run_stack
+from .stack import run_stack, simulator_launcher
 
 
 def _load(path: str) -> Config:
@@ -30,6 +30,20 @@ def serve(config: Config, host: str | None, port: int | None) -> None:
         log_level="info",
         timeout_graceful_shutdown=10,
     )
+
+
+def _serve_with_banner(config: Config, args: argparse.Namespace) -> None:
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    model = config.models[0].name
+    print(
+        f"\nnudging-proxy on http://{host}:{port}/v1 (models: {', '.join(m.name for m in config.models)})\n"
+        f"try: curl -N http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", """
+        f""""content": "Why is the sky blue?"}}]}}'\n""",
+        flush=True,
+    )
+    serve(config, host, port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         simulator.run(args)
     elif args.command == "sim-stack":
         config = _load(args.config)
-        run_stack(config, time_scale=args.time_scale, serve=lambda: serve(config, args.host, args.port))
+        run_stack(config, simulator_launcher(args.time_scale), lambda: _serve_with_banner(config, args))
 
 
 if __name__ == "__main__":

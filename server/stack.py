@@ -1,0 +1,108 @@
+"""Run the local upstreams a config points at, then the proxy, and stop them together.
+
+`sim-stack` starts a simulator for every local upstream (its `model` is the profile);
+`demo` starts a llama.cpp upstream for every local upstream (its `model` names a bundled
+model). Ctrl-C or SIGTERM stops the proxy, then the upstream processes.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from urllib.parse import urlsplit
+
+import httpx
+
+from .config import Config, ConfigError, UpstreamConfig
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
+SIMULATOR_PROFILES = frozenset({"base", "aligned", "aligned-base"})
+CLI = [sys.executable, "-m", "server.cli"]
+
+# The command that serves one local upstream on a port.
+Launcher = Callable[[int, UpstreamConfig], list[str]]
+
+
+def local_upstreams(config: Config) -> dict[int, UpstreamConfig]:
+    """Port -> upstream, for every upstream of the config on this machine."""
+    upstreams: dict[int, UpstreamConfig] = {}
+    for model in config.models:
+        for upstream in (model.base, model.nudging):
+            if upstream is None:
+                continue
+            parts = urlsplit(upstream.url)
+            if parts.hostname not in LOCAL_HOSTS or parts.port is None:
+                continue
+            known = upstreams.setdefault(parts.port, upstream)
+            if known.model != upstream.model:
+                raise ConfigError(f"port {parts.port} is given two models: {known.model}, {upstream.model}")
+    return upstreams
+
+
+def simulator_launcher(time_scale: float) -> Launcher:
+    def launch(port: int, upstream: UpstreamConfig) -> list[str]:
+        if upstream.model not in SIMULATOR_PROFILES:
+            raise ConfigError(
+                f"local upstream model {upstream.model!r} is not a simulator profile "
+                f"({', '.join(sorted(SIMULATOR_PROFILES))})"
+            )
+        return [*CLI, "simulate", "--host", "127.0.0.1", "--port", str(port), "--profile", upstream.model,
+                "--time-scale", str(time_scale)]
+
+    return launch
+
+
+def _wait_healthy(port: int, process: subprocess.Popen[bytes], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the upstream on port {port} exited with code {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the upstream on port {port} did not become healthy")
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_stack(config: Config, launch: Launcher, serve: Callable[[], None], *, startup_timeout: float = 60) -> None:
+    try:
+        commands = {port: launch(port, upstream) for port, upstream in local_upstreams(config).items()}
+    except ConfigError as error:
+        sys.exit(f"nudging-proxy: {error}")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        # SIGTERM before the proxy runs: stop the upstreams started so far, then leave.
+        _stop(processes)
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        for command in commands.values():
+            processes.append(subprocess.Popen(command))
+        deadline = time.monotonic() + startup_timeout
+        for port, process in zip(commands, processes, strict=True):
+            _wait_healthy(port, process, deadline)
+        print(f"upstreams ready on ports {', '.join(map(str, commands))}", flush=True)
+        # uvicorn handles SIGINT/SIGTERM itself while it serves.
+        signal.signal(signal.SIGTERM, previous)
+        serve()
+    except RuntimeError as error:
+        sys.exit(f"nudging-proxy: {error}")
+    finally:
+        _stop(processes)
