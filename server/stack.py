@@ -79,7 +79,9 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-def run_stack(config: Config, launch: Launcher, serve: Callable[[], None], *, startup_timeout: float = 60) -> None:
+def run_stack(
+    config: Config, launch: Launcher, serve: Callable[[], None], *, startup_timeout: float = 60
+) -> None:
     try:
         commands = {port: launch(port, upstream) for port, upstream in local_upstreams(config).items()}
     except ConfigError as error:

@@ -125,6 +125,19 @@ _TEMPLATES: Final = (
     "Without a {A} {N}, the {N2} of {T} {V} the {N3} {D}.",
     "The {N} {P} {T} {V} each {A} {N2} in a {A2} way.",
     "One {A} {N} is that {T} {V} the {N2} {P} the {N3}.",
+    "When the {N} of {T} {V} a {A} {N2}, the {N3} {D} {V2} the {A2} {N4} {P} it.",
+    "Over time, the {N} of {T} {V} a {A} {N2} that {V2} the {N3} {P} the {A2} {N4}.",
+    "It is {A} to note that the {N} {P} {T} {V} the {A2} {N2} {D}.",
+    "Each {N} {P} {T} {V} the {A} {N2}, while the {N3} {V2} the {A2} {N4}.",
+    "Because the {N} {V} the {A} {N2}, {T} {D} {V2} the {N3} {P} the {N4}.",
+    "The {A} {N} {P} {T} {V} the {N2}, and the {N3} {V2} a {A2} {N4} as well.",
+)
+# Half of the content sentences go on with one of these before their final ".".
+_CLAUSES: Final = (
+    ", which {V} the {A} {N} {P} the {N2}",
+    ", and the {N} {D} {V} a {A} {N2}",
+    ", so the {A} {N} {V} the {N2} of {T}",
+    " {P} the {A} {N} of the {N2}",
 )
 _RELATED_QUESTIONS: Final = (
     "What is the {A} {N} of {T}?",
@@ -140,20 +153,23 @@ _STOPWORDS: Final = frozenset(
     they thing things this those through under until very want what when where which while
     will with would write your yours you're i'm it's can't don't sing repeat briefly quickly
     summarize discuss compare share provide show find many short brief help some form work
-    works happen happens mean means used""".split()
+    works happen happens mean means used concise tldr quick""".split()
 )
+# Openers: chat models often just acknowledge the question ("Sure!") and start answering.
 _OPENERS: Final = (
     "Sure! Here is an overview of {T}.",
-    "Great question! Here is what you need to know about {T}.",
-    "Certainly! Let me explain {T} step by step.",
+    "Great question!",
+    "Certainly! Let me explain {T}.",
+    "Sure!",
     "Absolutely! Here is a clear answer.",
-    "Sure thing! Here are the key facts about {T}.",
+    "Certainly!",
+    "Great question! Here is what you need to know about {T}.",
 )
 _LIST_OPENERS: Final = (
     "Sure! Here are the key points about {T}:",
     "Certainly! Here is what matters most:",
-    "Great question! Consider the following about {T}:",
-    "Absolutely! Here are the main ideas:",
+    "Great question! Consider the following:",
+    "Sure! Here are the main ideas:",
 )
 _MARKERS: Final = (
     "However,", "In addition,", "For example,", "Moreover,", "As a result,", "Also,",
@@ -163,7 +179,11 @@ _CLOSINGS: Final = (
     "I hope this helps! Let me know if you have any other questions.",
     "Let me know if you would like more details.",
     "In summary, {T} depends on these ideas. I hope this helps!",
+    "Hope this helps!",
 )
+# A brief answer ends with a closing of two sentences, so that a base that stops after a
+# sentence has a place to do so inside it.
+_BRIEF_CLOSING: Final = "I hope this helps! Let me know if you have any other questions."
 # Alternatives offered where an answer starts (all start with ANSWER_START_WORDS or "\n").
 _START_ALTERNATIVES: Final = ("Sure", "Certainly", "Great", "Absolutely")
 # What a base also considers at a sentence start: the aligned model's kind of glue.
@@ -216,15 +236,15 @@ def features_for(question: Question) -> Features:
     if loop is None and _has_keyword(question.key, "laugh"):
         loop = "ha"
     base_eos = _has_keyword(question.key, "eos")
-    base_copy = not base_eos and (_has_keyword(question.key, "copy") or draws[4] < 1 / 7)
+    base_copy = not base_eos and (_has_keyword(question.key, "copy") or draws[4] < 1 / 16)
     return Features(
         aligned_loop=loop,
         list_layout=_has_keyword(question.key, "list") or draws[0] < 1 / 3,
         double_space=_has_keyword(question.key, "double_space") or draws[1] < 1 / 3,
-        url=_has_keyword(question.key, "url") or draws[2] < 1 / 7,
-        rule=_has_keyword(question.key, "rule") or draws[3] < 1 / 7,
+        url=_has_keyword(question.key, "url") or draws[2] < 1 / 10,
+        rule=_has_keyword(question.key, "rule") or draws[3] < 1 / 10,
         base_copy=base_copy,
-        base_cycle=_has_keyword(question.key, "cycle") or draws[5] < 1 / 8,
+        base_cycle=_has_keyword(question.key, "cycle") or draws[5] < 1 / 16,
         base_eos=base_eos,
     )
 
@@ -307,9 +327,13 @@ def content_for(question: Question) -> Content:
     topics = _topics(question, rng)
     filler = _Filler(rng, topics)
     features = features_for(question)
-    count = rng.randint(2, 3) if features.base_eos else rng.randint(3, 6)
+    count = rng.randint(3, 4) if features.base_eos else rng.randint(6, 10)
     templates = rng.sample(_TEMPLATES, count + 2)
-    sentences = [_sentence(filler, t) for t in templates[:count]]
+    sentences = [
+        _sentence(filler, t if features.base_eos or rng.random() < 0.5
+                  else t[:-1] + rng.choice(_CLAUSES) + ".")
+        for t in templates[:count]
+    ]
     extra = [_sentence(filler, t) for t in templates[count:]]
     related = [filler.fill(t)[0] for t in rng.sample(_RELATED_QUESTIONS, 2)]
     words = sorted({w for w in filler.used if w.isascii() and w.isalpha()} | set(_NOUNS[:8]))
@@ -408,7 +432,7 @@ def _aligned(question: Question) -> Document:
         if i > 0 and rng.random() < 0.25:
             b.add("\n\n", HIGH, HIGH)
             b.add(sentence.text, HIGH, CONTENT_HIGH, content=i)
-        elif rng.random() < 0.5:
+        elif rng.random() < 0.4:
             marker = "Finally," if i == len(sentences) - 1 and i > 1 else rng.choice(_MARKERS)
             if i == 0:
                 marker = "First,"
@@ -422,8 +446,10 @@ def _aligned(question: Question) -> Document:
         b.add("\n\nSource:", HIGH, HIGH)
         b.add(" " + _url(content, rng), HIGH, HIGH)
     closing = rng.choice(_CLOSINGS).replace("{T}", _topic(content))
-    b.add(("\n\n" if features.rule or features.url or rng.random() < 0.5 else " ") + closing,
-          HIGH, HIGH)
+    newlines = features.rule or features.url or rng.random() < 0.5
+    if features.base_eos:
+        closing, newlines = _BRIEF_CLOSING, True
+    b.add(("\n\n" if newlines else " ") + closing, HIGH, HIGH)
     b.eos(EOS_ALIGNED)
     return b.doc
 

@@ -43,6 +43,8 @@ _ALTERNATIVE_DECAY: Final = 0.6
 _PUNCTUATION_ALTERNATIVES: Final = (",", ".", "\n", " and", " the")
 _EOS_ALTERNATIVES: Final = ("\n", " I", " Let")
 
+_SENTENCE_END_IDS: Final = frozenset(token_id(form) for form in (".", "!", "?"))
+
 # Every profile's candidates at an answer start are among these (documents.py keeps it so).
 _FIRST_FORMS: Final = frozenset({"question"} | {w.lower() for w in ANSWER_START_WORDS})
 
@@ -74,11 +76,18 @@ def predict(corpus: Corpus, context: list[int]) -> Prediction:
                 position = end
                 break
         position = min(position, len(corpus.ids) - 1)
-        position += corpus.progress(context, position)
+        # Resume where the text left the document: glue already written after the landmark
+        # (a marker, a blank line) is not written again.
+        position += corpus.progress(context, position, across=True)
         low, high = _ALIGNED_BACKOFF
         return Prediction(position, min(max(corpus.confidence[position], low), high), False)
     written = [n for n in corpus.content_keys if corpus.written(n, answer)]
     following = max(written) + 1 if written else 0
+    if (following not in corpus.content_start and corpus.eos_position is not None
+            and context[-1] in _SENTENCE_END_IDS):
+        # All content is written and a sentence has just ended: a base that knows how to stop
+        # (a brief answer) stops here, whoever wrote the sentence.
+        return Prediction(corpus.eos_position, corpus.confidence[corpus.eos_position], False)
     position = corpus.content_start.get(following, corpus.after_content)
     position = min(position, len(corpus.ids) - 1)
     position += corpus.progress(context, position)

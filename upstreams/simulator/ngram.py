@@ -142,6 +142,7 @@ class Corpus:
             if end - start >= 3:
                 self.landmarks.append((start, end))
         self.landmark_keys = [_key(ids[s:e]) for s, e in self.landmarks]
+        self.eos_position = ids.index(EOS_ID) if EOS_ID in ids else None
         last_content = max(self.content_start, default=-1)
         self.after_content = (
             self._segment_end(self.content_start[last_content]) if last_content >= 0 else 1
@@ -158,9 +159,13 @@ class Corpus:
     def is_word_id(token: int) -> bool:
         return token in _word_ids
 
-    def progress(self, context: list[int], position: int) -> int:
-        """How many tokens of the segment starting at `position` end the context already."""
-        end = self._segment_end(position)
+    def progress(self, context: list[int], position: int, *, across: bool = False) -> int:
+        """How many tokens of the segment starting at `position` end the context already.
+
+        With `across`, the tokens may run on into the following segments (a marker such as
+        "Finally," and then the first words of the sentence after it).
+        """
+        end = min(len(self.ids), position + MAX_MATCH) if across else self._segment_end(position)
         ids = self.ids
         for j in range(min(end - position - 1, len(context) - 1), 0, -1):
             if context[len(context) - j :] == ids[position : position + j]:
@@ -175,7 +180,9 @@ class Corpus:
         """The longest recognising match of the end of `context` (which starts with BOS).
 
         Between equally long matches, a content sentence not yet in the answer wins, then the
-        earliest position.
+        earliest position. A match that covers only the start of a segment and the boundary
+        token before it (". The") counts as long as the start alone: "." says nothing about
+        which sentence came before.
         """
         last = len(context) - 1
         best: list[int] = []
@@ -186,11 +193,13 @@ class Corpus:
             k = 1
             while k <= limit and context[last - k] == ids[q - k]:
                 k += 1
-            if k < best_length:
-                continue
             p = q + 1
             start = self.segment_start[p]
             inside = p - start
+            weak = 0 < inside and k <= inside + 1 and k < min(STRONG, p)  # p: anchored
+            length = inside if weak else k
+            if length < best_length:
+                continue
             if k >= STRONG:
                 ok = True
             elif inside > 0:
@@ -201,7 +210,7 @@ class Corpus:
                     or (
                         words == 1
                         and (
-                            k > inside
+                            not weak
                             or (
                                 context[last - inside] in BOUNDARY_IDS
                                 and self.content[p] >= 0
@@ -215,8 +224,8 @@ class Corpus:
                     k >= p or self.word_prefix[p] > self.word_prefix[p - k]  # anchored, or a word
                 )
             if ok:
-                if k > best_length:
-                    best, best_length = [p], k
+                if length > best_length:
+                    best, best_length = [p], length
                 else:
                     best.append(p)
         if not best:
