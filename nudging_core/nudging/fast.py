@@ -141,6 +141,9 @@ async def _continue_base(
 ) -> AsyncGenerator[Piece, None]:
     """Step 7 as streams, closed at the first uncertain token."""
     yield context.accept_tokens([first])
+    if context.budget.exhausted:
+        context.stats.fire("budget_in_continuation")
+        return
     async with aclosing(_base_tokens(context, probe)) as tokens:
         async for token in tokens:
             if token.top_prob < context.params.threshold:
