@@ -242,6 +242,64 @@ def test_features_are_triggered_by_keywords() -> None:
     assert ":\n\n1." in "".join(greedy(ALIGNED, chatml(listing), 300)[0])
 
 
+def test_answers_are_long_enough_for_a_paper_like_nudging_ratio() -> None:
+    """Plain answers have 6-10 content sentences; the glue around them is a few words."""
+    for question in QUESTIONS:
+        sentences = content_for(split(f"{question}\n").question).sentences
+        assert 6 <= len(sentences) <= 10
+        assert sum(len(s.text.split()) for s in sentences) / len(sentences) >= 11
+    brief = content_for(split("Briefly explain how rainbows form.\n").question).sentences
+    assert 3 <= len(brief) <= 4
+
+
+def test_base_continues_the_first_unwritten_sentence_after_glue() -> None:
+    """After the aligned model's opener and the first word of a sentence, the base goes on
+    with that sentence, not with a later one that starts with the same word."""
+    topics = ["rivers", "bread", "jazz", "volcanoes", "chess", "tea", "bees", "glass", "maps",
+              "clocks", "salt", "kites", "owls", "paper", "bridges", "soap", "moss", "ink"]
+    for question in [f"Explain {t} in simple terms." for t in topics] + QUESTIONS:
+        first = content_for(split(f"{question}\n").question).sentences[0].text
+        answer = "".join(greedy(ALIGNED, chatml(question), 400)[0])
+        # Up to the sentence's first word (after a marker it is in lower case).
+        head = first.split(" ")[0]
+        cut = answer.lower().index(first.lower()) + len(head)
+        tokens, probabilities, _ = greedy(BASE, f"{question}\n" + answer[:cut], 4)
+        assert tokens == tokenize(first[len(head):])[:4], question
+        assert min(probabilities) >= 0.4
+
+
+def test_aligned_model_resynchronises_after_text_it_would_not_write() -> None:
+    """Wherever the base's own text stops (restated question, a sentence, its ramble, its
+    cycles and copies), the aligned model goes on with its answer and ends it: no loop on a
+    marker or an opener. Only the song and laugh keywords make it loop on purpose."""
+    questions = ["What should I know about owls?", "Give many examples of bridges.",
+                 "Please repeat the facts about salt.", "List tips about kites.",
+                 "Explain spacing of maps.", "Why do leaves change color in autumn?",
+                 "Count the ways rivers change a landscape."]
+    for question in questions:
+        base_tokens, _, _ = greedy(BASE, f"{question}\n", 240)
+        for cut in range(2, 240, 9):
+            tokens, _, finish = greedy(ALIGNED, chatml(question) + "".join(base_tokens[:cut]), 300)
+            words = "".join(tokens).split()
+            assert finish == "stop", (question, cut, "".join(tokens))
+            assert not any(words[i : i + 2] == words[i + 2 : i + 4] == words[i + 4 : i + 6]
+                           for i in range(len(words) - 6)), (question, cut, "".join(tokens))
+
+
+def test_brief_base_stops_after_any_sentence_once_the_content_is_written() -> None:
+    question = "Explain briefly how rainbows form."
+    base_prompt = f"{question}\n"
+    answer = "".join(greedy(ALIGNED, chatml(question), 300)[0])
+    assert answer.endswith("I hope this helps! Let me know if you have any other questions.")
+    # The aligned model's first closing sentence: the base would end the answer there ...
+    closing = answer.index("I hope this helps!") + len("I hope this helps!")
+    token, probability = BASE.next_distribution(base_prompt + answer[:closing])[0]
+    assert token == EOS and probability >= 0.8
+    # ... but not in the middle of a sentence.
+    token, probability = BASE.next_distribution(base_prompt + answer[: closing - 7])[0]
+    assert token != EOS
+
+
 def test_variety_across_many_questions() -> None:
     topics = ["rivers", "bread", "jazz", "volcanoes", "chess", "tea", "bees", "glass", "maps",
               "clocks", "salt", "kites", "owls", "paper", "bridges", "soap", "moss", "ink",

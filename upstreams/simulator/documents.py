@@ -6,18 +6,25 @@ confidence for every token. The model (model.py) continues any text by locating 
 document. All documents of a question share its *content sentences* token for token, so the
 models recognise each other's content; they differ in the glue around it.
 
+A question has 6-10 content sentences (3-4 short ones when a brief answer is asked for) of
+about 11-20 words, so that, as in the paper, most of a nudged answer is the base's content and
+the nudger supplies a small share of the words (roughly 8-25% on plain questions).
+
 ``aligned``
-    An opener ("Sure! Here is an overview of ...", "Great question! ..."), the content
-    sentences joined by discourse markers ("However,", "In addition,", ...) or laid out as a
-    numbered list ("...:\\n\\n1. ...\\n2. ..."), a closing ("I hope this helps!") and EOS.
-    Confident almost everywhere (top-1 0.55-0.95), so its greedy answers end with
-    finish_reason "stop" after roughly 60-220 tokens.
+    An opener (often just "Sure!" or "Great question!", sometimes a sentence such as "Sure!
+    Here is an overview of ..."), the content sentences joined by discourse markers
+    ("However,", "In addition,", ...), blank lines or nothing, or laid out as a numbered list
+    ("...:\\n\\n1. ...\\n2. ..."), a closing ("I hope this helps!") and EOS. Confident almost
+    everywhere (top-1 0.55-0.95), so its greedy answers end with finish_reason "stop" after
+    roughly 100-300 tokens.
 ``base``
     Knows the same content and is confident inside content sentences (0.5-0.95), but unsure
     (0.10-0.35) at stylistic positions: the answer start (it wants to restate the question,
     ``"Question: ...\\nAnswer:"``), every sentence start, and after the content, where it
     rambles into new ``"Question: ... Answer: ..."`` blocks and finally repeats one block
-    forever instead of stopping.
+    forever instead of stopping. Nudged, it takes over as soon as the aligned model's glue
+    reaches a content word ("However, the" -> " capital ..."), often after two or more
+    nudging words.
 ``aligned-base``
     The aligned model's own base: the same content with base-like style, uncertainty and
     features (content 0.45-0.9), for proxy tuning.
@@ -33,16 +40,20 @@ aligned loops         song, sing, lyrics, chant -> " la la la";   no (it never s
 numbered list layout  list, steps, ways, tips, reasons, points,   1/3 (opener ends in ":" so a
                       ideas, options                              word like "X:\\n\\n1." appears)
 double spaces         spaces, spacing                             1/3 ("end.  Next")
-URL (>= 16 tokens     link, links, url, source, sources, website,  1/7
+URL (>= 16 tokens     link, links, url, source, sources, website,  1/10
 without a space)      reference, references, cite, citation
-markdown rule         table, section, sections, outline,           1/7
+markdown rule         table, section, sections, outline,           1/10
 ("----------------")  markdown, format, heading
-base copies itself    repeat, again, remind, summary, summarize,  1/7 (confidently repeats its
+base copies itself    repeat, again, remind, summary, summarize,  1/16 (confidently repeats its
                       recap                                       last two sentences forever)
-base short cycle      examples, forever, endless, count, many     1/8 (" and so on," x10,
+base short cycle      examples, forever, endless, count, many     1/16 (" and so on," x10,
                                                                   confident)
 base EOS              brief, briefly, short, quick, quickly,      no (" That is all." then EOS
-                      concise, tldr                               with p 0.8-0.92)
+                      concise, tldr                               with p 0.8-0.92; also EOS
+                                                                  after any sentence once all
+                                                                  content is written; the
+                                                                  aligned closing has two
+                                                                  sentences)
 ====================  ==========================================  ==============================
 
 The URL and the markdown rule follow glue where the base is unsure; the aligned loop, the URL
@@ -153,7 +164,7 @@ _STOPWORDS: Final = frozenset(
     they thing things this those through under until very want what when where which while
     will with would write your yours you're i'm it's can't don't sing repeat briefly quickly
     summarize discuss compare share provide show find many short brief help some form work
-    works happen happens mean means used concise tldr quick""".split()
+    works happen happens mean means used concise tldr quick recap examples funny joke""".split()
 )
 # Openers: chat models often just acknowledge the question ("Sure!") and start answering.
 _OPENERS: Final = (

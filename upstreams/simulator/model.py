@@ -9,10 +9,14 @@ When the answer cannot be located (text the profile would not write, e.g. the ot
 glue), the model backs off:
 
 * ``base`` and ``aligned-base`` continue with the first content sentence after the last one
-  already written, unsure (top-1 at most 0.35); after all content, their ramble;
-* ``aligned`` continues after the last of its landmarks (segments of three or more tokens:
-  opener, content sentences, list numbers, closing, ...) found in the answer, moderately sure
-  (0.45-0.65); after its closing, EOS.
+  already written, unsure (top-1 at most 0.35); after all content, their ramble; a base that
+  answers briefly (its document ends with EOS) stops instead, confidently, once all content
+  is written and a sentence has just ended, whoever wrote it;
+* ``aligned`` behaves like a chat model that re-reads the conversation: it continues after
+  the last of its landmarks (segments of three or more tokens: opener, content sentences,
+  list numbers, closing, ...) found in the answer, skipping the glue it has already written
+  since (a marker, a blank line), so it never loops on a marker; moderately sure
+  (0.45-0.65); after its closing, EOS. Only the song and laugh documents end in a loop.
 
 Emitted tokens never change the tokens before them when re-tokenized (tokenizer.can_follow),
 so the text a request generates re-tokenizes into the tokens it reported; the only exception

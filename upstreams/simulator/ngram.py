@@ -196,7 +196,9 @@ class Corpus:
             p = q + 1
             start = self.segment_start[p]
             inside = p - start
-            weak = 0 < inside and k <= inside + 1 and k < min(STRONG, p)  # p: anchored
+            # Weak: the segment start plus at most one token before it, not back to the answer
+            # start (k == p) and not STRONG.
+            weak = 0 < inside and k <= inside + 1 and k < min(STRONG, p)
             length = inside if weak else k
             if length < best_length:
                 continue
