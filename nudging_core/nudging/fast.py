@@ -42,11 +42,19 @@ class ProbeStream:
         self._closed = False
 
     async def _open(self) -> Completion:
-        self._stream = await self._request.__aenter__()
-        self._tokens = aiter(self._stream)
-        first = await anext(self._tokens, None)
-        finish = self._stream.finish_reason if first is None else None
-        return Completion((first,) if first is not None else (), finish)
+        self._stream = stream = await self._request.__aenter__()
+        self._tokens = tokens = aiter(stream)
+        first = await anext(tokens, None)
+        if first is None:
+            return Completion((), stream.finish_reason)
+        if first.text == "":
+            # An end-of-sequence token may come with empty text: look one token further to
+            # know whether the base ended at once (an empty probe, as `paper` sees it).
+            following = await anext(tokens, None)
+            if following is None:
+                return Completion((first,), stream.finish_reason)
+            self._tokens = _prepend(following, tokens)
+        return Completion((first,), None)
 
     def __await__(self):  # type: ignore[no-untyped-def]
         """Awaiting a probe gives its first token as a one-token completion."""
@@ -70,6 +78,12 @@ class ProbeStream:
             await asyncio.gather(self._first, return_exceptions=True)
         if self._stream is not None:
             await self._request.__aexit__(None, None, None)
+
+
+async def _prepend(first: Token, rest: AsyncIterator[Token]) -> AsyncGenerator[Token, None]:
+    yield first
+    async for token in rest:
+        yield token
 
 
 class _Probes:

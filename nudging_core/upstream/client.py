@@ -84,6 +84,8 @@ class UpstreamClient:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._dialect: Dialect | None = None if dialect == "auto" else DIALECTS[dialect]()
         self._detecting = asyncio.Lock()
+        # Responses of cancelled sends, being closed in the background.
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -109,16 +111,46 @@ class UpstreamClient:
         except ValueError as exc:
             raise UpstreamError(self.role, "malformed JSON answer") from exc
 
-    async def _post_json(self, request: Request) -> Any:
+    async def _send(self, request: Request) -> httpx.Response:
+        """Send a request and return once its headers arrived (the body is still to be read).
+
+        A send cancelled while its connection is being set up would leave that connection
+        stuck in httpcore's pool (encode/httpcore#1093) until the pool is full; so a
+        cancelled send finishes in the background and its response is closed at once.
+        """
+        wire = self._http.build_request("POST", request.path, json=request.body)
+        sending = asyncio.ensure_future(self._http.send(wire, stream=True))
         try:
-            response = await self._http.post(request.path, json=request.body)
+            return await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            sending.add_done_callback(self._discard)
+            raise
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(self.role, "timed out") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
-        _raise_for_status(self.role, response.status_code, response.text)
+
+    def _discard(self, sending: asyncio.Future[httpx.Response]) -> None:
+        if sending.cancelled() or sending.exception() is not None:
+            return
+        closing = asyncio.ensure_future(sending.result().aclose())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _post_json(self, request: Request) -> Any:
+        response = await self._send(request)
         try:
-            return response.json()
+            body = await response.aread()
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(self.role, "timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
+        finally:
+            await response.aclose()
+        text = body.decode("utf-8", "replace")
+        _raise_for_status(self.role, response.status_code, text)
+        try:
+            return json.loads(text)
         except ValueError as exc:
             raise UpstreamError(self.role, "malformed JSON answer") from exc
 
@@ -174,14 +206,7 @@ class CompletionStream:
         await client._slots.acquire()
         self._slot_held = True
         try:
-            request = client._http.build_request("POST", wire.path, json=wire.body)
-            self._response = await client._http.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            self._release()
-            raise UpstreamTimeout(client.role, "timed out") from exc
-        except httpx.HTTPError as exc:
-            self._release()
-            raise UpstreamError(client.role, f"unreachable ({type(exc).__name__})") from exc
+            self._response = await client._send(wire)
         except BaseException:
             self._release()
             raise
