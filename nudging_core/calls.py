@@ -79,16 +79,18 @@ class RoleCaller:
             self._stats.prompt_tokens.setdefault(self.role, count)
 
     def stream(
-        self, prompt: str, max_tokens: int, *, round_index: int
+        self, prompt: str, max_tokens: int, *, round_index: int, slot_taken: asyncio.Event | None = None
     ) -> AbstractAsyncContextManager[CountedStream]:
-        return self.stream_call(self.call(prompt, max_tokens, round_index=round_index))
+        return self.stream_call(self.call(prompt, max_tokens, round_index=round_index), slot_taken)
 
     @asynccontextmanager
-    async def stream_call(self, call: CompletionCall) -> AsyncIterator[CountedStream]:
+    async def stream_call(
+        self, call: CompletionCall, slot_taken: asyncio.Event | None = None
+    ) -> AsyncIterator[CountedStream]:
         self._stats.upstream_requests[self.role] += 1
         counted = CountedStream(self._stats, self.role)
         try:
-            async with self.client.stream(call) as stream:
+            async with self.client.stream(call, slot_taken=slot_taken) as stream:
                 counted.stream = stream
                 yield counted
                 self._note_prompt_tokens(stream.prompt_tokens)

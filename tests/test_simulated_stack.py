@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -122,3 +123,29 @@ def test_nudged_usage_counts_the_base_prompt(stack: Stack) -> None:
     tokenized = httpx.post(stack.base + "/tokenize", json={"prompt": f"{QUESTION}\n"}).json()["count"]
     assert body["usage"]["prompt_tokens"] == tokenized
     assert body["usage"]["completion_tokens"] == 20
+
+
+def test_many_generations_share_a_small_upstream_bound() -> None:
+    """Probes hold upstream slots while a round is decided; with a bound smaller than one
+    round's probes and many generations at once, every request must still finish."""
+    questions = [f"Why do leaves change color in autumn, part {i}?" for i in range(16)]
+    with ExitStack() as stack:
+        base = stack.enter_context(running(create_simulator("base", time_scale=0.02)))
+        aligned = stack.enter_context(running(create_simulator("aligned", time_scale=0.02)))
+        config = parse_config({"models": [
+            {"name": "nudged", "base": {"url": base + "/v1", "model": "base", "max_in_flight": 4,
+                                        "timeouts": {"pool": 20}},
+             "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml",
+                         "max_in_flight": 4}}]})
+        proxy = stack.enter_context(running(create_proxy(config)))
+
+        async def ask_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=proxy, timeout=120) as client:
+                return await asyncio.gather(*(
+                    client.post("/v1/chat/completions", json={
+                        "model": "nudged", "max_tokens": 80, "messages": [{"role": "user", "content": q}]})
+                    for q in questions))
+
+        responses = asyncio.run(ask_all())
+        assert [r.status_code for r in responses] == [200] * len(questions)
+        assert httpx.get(base + "/stats").json()["open_requests"] == 0

@@ -15,8 +15,10 @@ fetches, so they do not apply here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from contextlib import AbstractAsyncContextManager, aclosing
+from typing import Any
 
 from nudging_core.calls import CountedStream
 from nudging_core.types import Completion, Piece, Token
@@ -31,18 +33,45 @@ CONTINUATION_TOKENS = 256
 class ProbeStream:
     """A streamed base request whose first token is a probe and whose rest may continue."""
 
-    def __init__(self, context: NudgingContext, prompt: str) -> None:
+    def __init__(self, context: NudgingContext, prompt: str, order: asyncio.Lock | None = None) -> None:
         max_tokens = max(1, min(context.budget.remaining, CONTINUATION_TOKENS))
+        self._slot_taken = asyncio.Event()
         self._request: AbstractAsyncContextManager[CountedStream] = context.base.stream(
-            prompt, max_tokens, round_index=context.stats.rounds
+            prompt, max_tokens, round_index=context.stats.rounds, slot_taken=self._slot_taken
         )
+        self._order = order
         self._stream: CountedStream | None = None
         self._tokens: AsyncIterator[Token] | None = None
         self._first = asyncio.create_task(self._open())
         self._closed = False
 
+    async def _enter(self) -> CountedStream:
+        """Open the request; with `order`, take upstream slots in the order probes launched.
+
+        A probe holds its slot until the round is decided, and the decision waits for the
+        probes in boundary order; taking slots in that order keeps generations that share
+        a bounded upstream from holding later probes while waiting for earlier ones.
+        """
+        entering = asyncio.ensure_future(self._request.__aenter__())
+        try:
+            if self._order is not None:
+                async with self._order:
+                    waiting = asyncio.ensure_future(self._slot_taken.wait())
+                    try:
+                        await asyncio.wait({entering, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiting.cancel()
+            return await asyncio.shield(entering)
+        except asyncio.CancelledError:
+            # The request may have opened just before the cancellation landed: close it.
+            entering.cancel()
+            with contextlib.suppress(BaseException):
+                await entering
+                await self._request.__aexit__(None, None, None)
+            raise
+
     async def _open(self) -> Completion:
-        self._stream = stream = await self._request.__aenter__()
+        self._stream = stream = await self._enter()
         self._tokens = tokens = aiter(stream)
         first = await anext(tokens, None)
         if first is None:
@@ -56,7 +85,7 @@ class ProbeStream:
             self._tokens = _prepend(following, tokens)
         return Completion((first,), None)
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, Completion]:
         """Awaiting a probe gives its first token as a one-token completion."""
         return self._first.__await__()
 
@@ -92,12 +121,13 @@ class _Probes:
     def __init__(self, context: NudgingContext) -> None:
         self._context = context
         self._probes: dict[int, ProbeStream] = {}
+        self._order = asyncio.Lock()
 
     def launch(self, lookahead: Lookahead, boundary: int) -> ProbeStream:
         if boundary not in self._probes:
             context = self._context
             prompt = context.base_prompt + context.output + lookahead.prefix(boundary)
-            self._probes[boundary] = ProbeStream(context, prompt)
+            self._probes[boundary] = ProbeStream(context, prompt, self._order)
         return self._probes[boundary]
 
     def launch_started_words(self, partial_text: str) -> None:
@@ -106,6 +136,13 @@ class _Probes:
         for boundary in range(1, len(lookahead.words)):
             if lookahead.words[boundary]:
                 self.launch(lookahead, boundary)
+
+    async def first_token(self, lookahead: Lookahead, boundary: int) -> Completion:
+        """The probe at `boundary`; the rule reads them in order, so the earlier ones lost
+        and are closed now, freeing their upstream slots for the probes still waiting."""
+        for earlier in [b for b in self._probes if b < boundary]:
+            await self._probes.pop(earlier).close()
+        return await self.launch(lookahead, boundary)
 
     def take(self, boundary: int) -> ProbeStream:
         """Keep the winning probe open: it is no longer closed with the others."""
@@ -179,7 +216,7 @@ async def generate_fast(context: NudgingContext) -> AsyncGenerator[Piece, None]:
             if final is not None:
                 yield final
                 return
-            takeover = await find_takeover(context, lookahead.text, probes.launch)
+            takeover = await find_takeover(context, lookahead.text, probes.first_token)
             if takeover.boundary is not None:
                 winner = probes.take(takeover.boundary)
         finally:

@@ -161,8 +161,9 @@ class UpstreamClient:
             reply = parse(await self._post_json(dialect.completion(call, self.model, stream=False)))
         return Completion(tuple(reply.tokens), reply.finish_reason, reply.prompt_tokens)
 
-    def stream(self, call: CompletionCall) -> CompletionStream:
-        return CompletionStream(self, call)
+    def stream(self, call: CompletionCall, *, slot_taken: asyncio.Event | None = None) -> CompletionStream:
+        """A streamed completion; `slot_taken` is set once it holds one of the in-flight slots."""
+        return CompletionStream(self, call, slot_taken)
 
     async def count_tokens(self, prompt: str) -> int | None:
         """Prompt size by the upstream's own tokenizer, if it offers one."""
@@ -188,9 +189,12 @@ class UpstreamClient:
 class CompletionStream:
     """A streamed completion: iterate tokens; leaving the `async with` closes the request."""
 
-    def __init__(self, client: UpstreamClient, call: CompletionCall) -> None:
+    def __init__(
+        self, client: UpstreamClient, call: CompletionCall, slot_taken: asyncio.Event | None
+    ) -> None:
         self._client = client
         self._call = call
+        self._slot_taken = slot_taken
         self._response: httpx.Response | None = None
         self._parse: Parser | None = None
         self._slot_held = False
@@ -205,6 +209,8 @@ class CompletionStream:
         wire = dialect.completion(self._call, client.model, stream=True)
         await client._slots.acquire()
         self._slot_held = True
+        if self._slot_taken is not None:
+            self._slot_taken.set()
         try:
             self._response = await client._send(wire)
         except BaseException:
