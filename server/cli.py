@@ -8,11 +8,12 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from upstreams.local import app as local_upstream
 from upstreams.simulator import app as simulator
 
 from .app import create_app
 from .config import Config, ConfigError, load_config
-from .stack import run_stack, simulator_launcher
+from .stack import local_launcher, run_stack, simulator_launcher
 
 
 def _load(path: str) -> Config:
@@ -46,26 +47,35 @@ def _serve_with_banner(config: Config, args: argparse.Namespace) -> None:
     serve(config, host, port)
 
 
+def _proxy_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    parser.add_argument("--config", required=default_config is None, default=default_config,
+                        help="YAML config file")
+    parser.add_argument("--host", help="overrides server.host")
+    parser.add_argument("--port", type=int, help="overrides server.port")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nudging-proxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_parser = commands.add_parser("serve", help="run the OpenAI-compatible proxy")
-    serve_parser.add_argument("--config", required=True, help="YAML config file")
-    serve_parser.add_argument("--host", help="overrides server.host")
-    serve_parser.add_argument("--port", type=int, help="overrides server.port")
+    _proxy_arguments(commands.add_parser("serve", help="run the OpenAI-compatible proxy"), None)
 
-    simulate_parser = commands.add_parser("simulate", help="run a simulated vLLM-like upstream")
-    simulator.add_arguments(simulate_parser)
+    demo = commands.add_parser(
+        "demo", help="start the bundled CPU models (Gemma 3 270M nudged by SmolLM2-135M), then the proxy"
+    )
+    _proxy_arguments(demo, "configs/demo.yaml")
+    demo.add_argument("--threads", type=int, help="llama.cpp threads per model (default: cores / 2)")
 
-    stack_parser = commands.add_parser(
+    sim_stack = commands.add_parser(
         "sim-stack", help="start the simulated upstreams a config points at, then the proxy"
     )
-    stack_parser.add_argument("--config", default="configs/sim.yaml", help="YAML config file")
-    stack_parser.add_argument("--host", help="overrides server.host")
-    stack_parser.add_argument("--port", type=int, help="overrides server.port")
-    stack_parser.add_argument(
-        "--time-scale", type=float, default=1.0, help="scale the simulators' latency (0 = none)"
+    _proxy_arguments(sim_stack, "configs/sim.yaml")
+    sim_stack.add_argument("--time-scale", type=float, default=1.0,
+                           help="scale the simulators' latency (0 = none)")
+
+    simulator.add_arguments(commands.add_parser("simulate", help="run a simulated vLLM-like upstream"))
+    local_upstream.add_arguments(
+        commands.add_parser("local-upstream", help="serve a GGUF model with llama.cpp on CPU")
     )
     return parser
 
@@ -76,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve(_load(args.config), args.host, args.port)
     elif args.command == "simulate":
         simulator.run(args)
+    elif args.command == "local-upstream":
+        local_upstream.run(args)
+    elif args.command == "demo":
+        config = _load(args.config)
+        run_stack(config, local_launcher(args.threads), lambda: _serve_with_banner(config, args),
+                  startup_timeout=300)
     elif args.command == "sim-stack":
         config = _load(args.config)
         run_stack(config, simulator_launcher(args.time_scale), lambda: _serve_with_banner(config, args))

@@ -7,6 +7,7 @@ model). Ctrl-C or SIGTERM stops the proxy, then the upstream processes.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,6 +53,18 @@ def simulator_launcher(time_scale: float) -> Launcher:
             )
         return [*CLI, "simulate", "--host", "127.0.0.1", "--port", str(port), "--profile", upstream.model,
                 "--time-scale", str(time_scale)]
+
+    return launch
+
+
+def local_launcher(threads: int | None) -> Launcher:
+    """llama.cpp upstreams; by default the cores are shared out so the models do not
+    oversubscribe the machine (on 2 cores: one thread each)."""
+
+    def launch(port: int, upstream: UpstreamConfig) -> list[str]:
+        share = threads or max(1, (os.cpu_count() or 2) // 2)
+        return [*CLI, "local-upstream", "--host", "127.0.0.1", "--port", str(port), "--gguf", upstream.model,
+                "--name", upstream.model, "--threads", str(share)]
 
     return launch
 
