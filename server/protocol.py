@@ -336,14 +336,21 @@ class NudgingReport(_ResponseModel):
     stop_reason: str | None = None
 
 
-class CompletionChoice(_ResponseModel):
+class _Choice(_ResponseModel):
     omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
 
     index: int
-    text: str
     logprobs: None = None
     finish_reason: str | None = None
     nudging: NudgingReport | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+# A streamed completion chunk's choice has the same shape as a whole one.
+CompletionStreamChoice = CompletionChoice
 
 
 class CompletionResponse(_ResponseModel):
@@ -352,28 +359,11 @@ class CompletionResponse(_ResponseModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo
-
-
-class CompletionStreamChoice(_ResponseModel):
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
-
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: str | None = None
-    nudging: NudgingReport | None = None
-
-
-class CompletionStreamResponse(_ResponseModel):
-    omit_if_unset_none: ClassVar[frozenset[str]] = frozenset({"usage"})
-
-    id: str = Field(default_factory=new_completion_id)
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    omit_if_unset_none: ClassVar[frozenset[str]] = frozenset({"usage"})
 
 
 class ChatCompletionMessage(_ResponseModel):
@@ -381,14 +371,8 @@ class ChatCompletionMessage(_ResponseModel):
     content: str | None = None
 
 
-class ChatCompletionChoice(_ResponseModel):
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
-
-    index: int
+class ChatCompletionChoice(_Choice):
     message: ChatCompletionMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    nudging: NudgingReport | None = None
 
 
 class ChatCompletionResponse(_ResponseModel):
@@ -408,14 +392,8 @@ class DeltaMessage(_ResponseModel):
     content: str | None = None
 
 
-class ChatCompletionStreamChoice(_ResponseModel):
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
-
-    index: int
+class ChatCompletionStreamChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-    nudging: NudgingReport | None = None
 
 
 class ChatCompletionStreamResponse(_ResponseModel):

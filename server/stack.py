@@ -102,7 +102,8 @@ def run_stack(
     processes: list[subprocess.Popen[bytes]] = []
 
     def terminate(signum: int, frame: FrameType | None) -> None:
-        # SIGTERM before the proxy runs: stop the upstreams started so far, then leave.
+        # Before the proxy runs, and after: uvicorn handles SIGTERM while it serves, then
+        # raises it again once it has shut down, which lands here.
         _stop(processes)
         sys.exit(128 + signum)
 
@@ -114,10 +115,9 @@ def run_stack(
         for port, process in zip(commands, processes, strict=True):
             _wait_healthy(port, process, deadline)
         print(f"upstreams ready on ports {', '.join(map(str, commands))}", flush=True)
-        # uvicorn handles SIGINT/SIGTERM itself while it serves.
-        signal.signal(signal.SIGTERM, previous)
         serve()
     except RuntimeError as error:
         sys.exit(f"nudging-proxy: {error}")
     finally:
         _stop(processes)
+        signal.signal(signal.SIGTERM, previous)

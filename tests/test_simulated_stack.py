@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from server.app import create_app as create_proxy
 from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 
-from .servers import running
+from .servers import free_port, running
 
 QUESTION = "Why do leaves change color in autumn?"
 
@@ -149,3 +154,32 @@ def test_many_generations_share_a_small_upstream_bound() -> None:
         responses = asyncio.run(ask_all())
         assert [r.status_code for r in responses] == [200] * len(questions)
         assert httpx.get(base + "/stats").json()["open_requests"] == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sim_stack_command_serves_and_stops_its_upstreams(tmp_path: Path, signum: int) -> None:
+    ports = {role: free_port() for role in ("base", "aligned", "proxy")}
+    config = tmp_path / "stack.yaml"
+    config.write_text(yaml.safe_dump({"models": [
+        {"name": "nudged", "base": {"url": f"http://127.0.0.1:{ports['base']}/v1", "model": "base"},
+         "nudging": {"url": f"http://127.0.0.1:{ports['aligned']}/v1", "model": "aligned",
+                     "chat_template": "chatml"}}]}))
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+                                "--host", "127.0.0.1", "--port", str(ports["proxy"]), "--time-scale", "0"])
+    proxy = f"http://127.0.0.1:{ports['proxy']}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(proxy + "/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        answer = httpx.post(proxy + "/v1/chat/completions", timeout=60, json=chat("nudged", max_tokens=20))
+        assert answer.status_code == 200
+    finally:
+        process.send_signal(signum)
+        process.wait(timeout=30)
+    for role in ("base", "aligned"):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{ports[role]}/health")
