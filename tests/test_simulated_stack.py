@@ -117,14 +117,16 @@ def test_streamed_n_choices_interleave_and_each_finish(stack: Stack) -> None:
 
 
 def test_passthrough_usage_counts(stack: Stack) -> None:
-    body = httpx.post(stack.proxy + "/v1/chat/completions", json=chat("base", max_tokens=20), timeout=60).json()
+    body = httpx.post(stack.proxy + "/v1/chat/completions", json=chat("base", max_tokens=20), timeout=60)
+    body = body.json()
     assert body["usage"]["completion_tokens"] == 20
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["prompt_tokens"] > 5
 
 
 def test_nudged_usage_counts_the_base_prompt(stack: Stack) -> None:
-    body = httpx.post(stack.proxy + "/v1/chat/completions", json=chat("nudged", max_tokens=20), timeout=60).json()
+    body = httpx.post(stack.proxy + "/v1/chat/completions", json=chat("nudged", max_tokens=20), timeout=60)
+    body = body.json()
     tokenized = httpx.post(stack.base + "/tokenize", json={"prompt": f"{QUESTION}\n"}).json()["count"]
     assert body["usage"]["prompt_tokens"] == tokenized
     assert body["usage"]["completion_tokens"] == 20
