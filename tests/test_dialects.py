@@ -98,6 +98,8 @@ async def test_llama_cpp_python_recorded_shape() -> None:
     assert completion.text == recorded["choices"][0]["text"]
     assert len(completion.tokens) == len(recorded["choices"][0]["logprobs"]["tokens"])
     assert all(token.top_logprob <= 0 for token in completion.tokens)
+    # Its greedy pick here is not its top-1 ("-" at -2.30 beside "\n" at -0.81): top-1 is the max.
+    assert completion.tokens[3].top_logprob == pytest.approx(-0.8057594895362854)
     async with upstream.stream(CALL) as stream:
         streamed = "".join([token.text async for token in stream])
     assert streamed == completion.text
