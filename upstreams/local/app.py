@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,22 +31,26 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from .chat import ChatTemplate
-from .generation import DEFAULT_CTX, EngineError, Outcome, Sampling, Step
-from .protocol import (
+from ..cli import add_listen_arguments, add_serving_arguments, positive_int
+from ..openai_api import (
     DEFAULT_MAX_LOGPROBS,
+    SSE_DONE,
     ApiError,
-    DetokenizeRequest,
-    TokenizeRequest,
-    context_length_error,
+    Reply,
+    check_model,
+    logprobs_block,
     parse_body,
     parse_completion_request,
-    usage_block,
+    sse,
 )
+from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
+from .chat import ChatTemplate
+from .generation import DEFAULT_CTX, EngineError, Outcome, Step
+from .protocol import LOCAL, DetokenizeRequest, LocalRequest, TokenizeRequest
 from .weights import BUNDLED, MissingModelError
 from .worker import Job, Worker
 
@@ -71,7 +73,6 @@ def create_app(model: LlamaCppModel, model_name: str | None = None,
     name = model_name or default_model_name(model.path)
     worker = Worker(model)
     template = _chat_template(model)
-    started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -82,46 +83,14 @@ def create_app(model: LlamaCppModel, model_name: str | None = None,
                   lifespan=lifespan)
     app.state.worker = worker
     app.state.model_name = name
-
-    @app.exception_handler(ApiError)
-    async def _refused(_: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(Exception)
-    async def _failed(_: Request, error: Exception) -> JSONResponse:
-        failure = ApiError(f"internal server error: {type(error).__name__}", 500,
-                           "InternalServerError")
-        return JSONResponse(failure.body(), status_code=500)
-
-    def check_model(requested: str | None) -> None:
-        if requested is not None and requested != name:
-            raise ApiError(f"The model `{requested}` does not exist.", 404, "NotFoundError",
-                           param="model")
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": started, "owned_by": "nudging-proxy",
-            "root": name, "parent": None, "max_model_len": model.n_ctx, "permission": [],
-        }]}
-
-    @app.get("/stats")
-    async def stats() -> dict[str, int]:
-        return worker.stats.as_dict()
-
-    @app.post("/stats/reset")
-    async def reset_stats() -> dict[str, int]:
-        worker.reset_stats()
-        return worker.stats.as_dict()
+    add_error_handlers(app, LOCAL)
+    add_common_routes(app, name, int(time.time()), model.n_ctx, LOCAL, worker.stats,
+                      worker.reset_stats)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        body = parse_body(TokenizeRequest, await _json(request))
-        check_model(body.model)
+        body = parse_body(TokenizeRequest, await read_json(request))
+        check_model(body.model, name, LOCAL)
         if body.messages is not None:
             if template is None:
                 raise ApiError("this model's GGUF file has no chat template", param="messages")
@@ -141,8 +110,8 @@ def create_app(model: LlamaCppModel, model_name: str | None = None,
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        body = parse_body(DetokenizeRequest, await _json(request))
-        check_model(body.model)
+        body = parse_body(DetokenizeRequest, await read_json(request))
+        check_model(body.model, name, LOCAL)
         bad = [t for t in body.tokens if not model.valid_token(t)]
         if bad:
             raise ApiError(f"token id {bad[0]} is out of vocabulary (size {model.n_vocab})",
@@ -152,34 +121,21 @@ def create_app(model: LlamaCppModel, model_name: str | None = None,
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         try:
-            raw = await _json(request)
+            raw = await read_json(request)
         except ClientDisconnect:
             return Response(status_code=499)  # the client gave up (a cancelled probe)
-        completion = parse_completion_request(raw, max_logprobs)
-        check_model(completion.model)
+        completion = parse_completion_request(LocalRequest, raw, max_logprobs, LOCAL)
+        check_model(completion.model, name, LOCAL)
         prompt = completion.prompt_text()
         prompt_tokens = model.tokenize(prompt)
         if not prompt_tokens:
             raise ApiError("the prompt is empty", param="prompt")
         count = len(prompt_tokens)
-        max_tokens = (completion.max_tokens if completion.max_tokens is not None
-                      else max(model.n_ctx - count, 0))
-        if count + max_tokens > model.n_ctx:
-            raise context_length_error(model.n_ctx, count, max_tokens)
-        sampling = Sampling(
-            max_tokens=max_tokens,
-            temperature=completion.temperature if completion.temperature is not None else 1.0,
-            top_p=completion.top_p if completion.top_p is not None else 1.0,
-            seed=completion.seed,
-            logprobs=completion.logprobs,
-            stop=tuple(completion.stop or ()),
-        )
+        sampling = completion.sampling(count, model.n_ctx, LOCAL)
         reply = _Reply(name, prompt if completion.echo else "", completion.logprobs is not None)
         job = worker.submit(prompt_tokens, sampling, stream=bool(completion.stream))
         if completion.stream:
-            include_usage = bool(completion.stream_options
-                                 and completion.stream_options.include_usage)
-            return _JobStream(_stream(reply, job, include_usage), job)
+            return _JobStream(_stream(reply, job, completion.include_usage()), job)
         return await _complete(request, reply, job)
 
     return app
@@ -195,13 +151,6 @@ def _chat_template(model: LlamaCppModel) -> ChatTemplate | None:
     except ValueError:
         log.warning("ignoring the chat template of %s: it does not parse", model.path)
         return None
-
-
-async def _json(request: Request) -> Any:
-    try:
-        return await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError("the request body is not valid JSON") from None
 
 
 async def _cancel_on_disconnect(receive: Callable[[], Any], job: Job) -> None:
@@ -225,12 +174,11 @@ async def _complete(request: Request, reply: _Reply, job: Job) -> Response:
     return JSONResponse(reply.full(job.outcome))
 
 
-class _JobStream(StreamingResponse):
+class _JobStream(EventStream):
     """A stream that cancels its job however the response ends, even before it started."""
 
     def __init__(self, content: AsyncIterator[str], job: Job) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
+        super().__init__(content)
         self._job = job
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -240,27 +188,17 @@ class _JobStream(StreamingResponse):
             self._job.cancel()
 
 
-class _Reply:
-    """Shapes the JSON body and the SSE chunks of one completion."""
+class _Reply(Reply):
+    """The local upstream's logprobs: each token's piece of the returned text."""
 
     def __init__(self, name: str, echoed: str, logprobs: bool) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.name = name
+        super().__init__(name)
         self.echoed = echoed  # the prompt when echoing, else ""
         self.logprobs = logprobs
 
-    def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.name, "choices": choices}
-
-    @staticmethod
-    def choice(text: str, logprobs: dict[str, Any] | None, finish_reason: str | None,
-               stop_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                "stop_reason": stop_reason}
-
-    def logprobs_block(self, steps: list[Step], text_length: int) -> dict[str, Any]:
+    def step_logprobs(self, steps: list[Step], text_length: int) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
         # Pieces are clipped to the returned text (a stop string cuts it), so they join to it.
         tokens: list[str] = []
         offsets: list[int] = []
@@ -269,25 +207,14 @@ class _Reply:
             end = min(step.offset + len(step.piece), text_length)
             tokens.append(step.piece[: end - start])
             offsets.append(len(self.echoed) + start)
-        return {"text_offset": offsets, "token_logprobs": [s.logprob for s in steps],
-                "tokens": tokens, "top_logprobs": [s.top_logprobs for s in steps]}
+        return logprobs_block(tokens, [s.logprob for s in steps], [s.top_logprobs for s in steps],
+                              offsets)
 
     def full(self, outcome: Outcome) -> dict[str, Any]:
-        logprobs = (self.logprobs_block(outcome.steps, len(outcome.text)) if self.logprobs
-                    else None)
-        body = self.envelope([self.choice(self.echoed + outcome.text, logprobs,
-                                          outcome.finish_reason, outcome.stop_reason)])
-        body["usage"] = usage_block(outcome.prompt_tokens, outcome.completion_tokens)
-        return body
-
-    def chunk(self, step: Step, text_length: int) -> dict[str, Any]:
-        logprobs = self.logprobs_block([step], text_length) if self.logprobs else None
-        return self.envelope([self.choice(step.delta, logprobs, step.finish_reason,
-                                          step.stop_reason)])
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return self.body(self.echoed + outcome.text,
+                         self.step_logprobs(outcome.steps, len(outcome.text)),
+                         outcome.finish_reason, outcome.stop_reason, outcome.prompt_tokens,
+                         outcome.completion_tokens)
 
 
 async def _stream(reply: _Reply, job: Job, include_usage: bool) -> AsyncIterator[str]:
@@ -295,35 +222,24 @@ async def _stream(reply: _Reply, job: Job, include_usage: bool) -> AsyncIterator
     outcome = job.outcome
     try:
         if reply.echoed:
-            yield _sse(reply.envelope([reply.choice(reply.echoed, None, None, None)]))
+            yield reply.chunk(reply.echoed, None)
         async for step in job.steps():
             # A step's piece is clipped only where it ends the text (a stop string).
             limit = len(outcome.text) if step.finish_reason else step.offset + len(step.piece)
-            yield _sse(reply.chunk(step, limit))
+            yield reply.chunk(step.delta, reply.step_logprobs([step], limit), step.finish_reason,
+                              step.stop_reason)
         if include_usage:
-            chunk = reply.envelope([])
-            chunk["usage"] = usage_block(outcome.prompt_tokens, outcome.completion_tokens)
-            yield _sse(chunk)
+            yield reply.usage_chunk(outcome.prompt_tokens, outcome.completion_tokens)
     except Exception as error:  # the stream has started: report in-band, as vLLM does
         log.exception("streamed generation failed")
         failure = ApiError(f"generation failed: {type(error).__name__}", 500,
                            "InternalServerError")
-        yield _sse({"error": failure.body()})
-    yield "data: [DONE]\n\n"
+        yield sse({"error": failure.body()})
+    yield SSE_DONE
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,20 +247,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", required=True, metavar="PATH",
                         help="GGUF model file to serve; 'gemma' or 'smollm' name the models "
                              "of the demo extra (Gemma 3 270M base, SmolLM2-135M-Instruct)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    add_listen_arguments(parser)
     parser.add_argument("--name", default=None,
                         help="model name to serve (default: the file name without .gguf)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="llama.cpp threads for generation and prompt evaluation (default: "
                              "half the cores, as a base and a nudger share the machine; threads "
                              "beyond the free cores slow llama.cpp down sharply)")
-    parser.add_argument("--ctx", type=_positive_int, default=DEFAULT_CTX,
+    parser.add_argument("--ctx", type=positive_int, default=DEFAULT_CTX,
                         help="context length in tokens (capped at the model's training length)")
-    parser.add_argument("--max-logprobs", type=_positive_int, default=DEFAULT_MAX_LOGPROBS,
-                        help="largest logprobs value a request may ask for")
-    parser.add_argument("--log-level", default="warning",
-                        choices=("critical", "error", "warning", "info", "debug"))
+    add_serving_arguments(parser)
 
 
 def resolve_gguf(value: str) -> Path:

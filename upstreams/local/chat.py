@@ -18,7 +18,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .protocol import ApiError
+from ..openai_api import ApiError
 
 TEXT_PART_SEPARATOR = "\n"  # vLLM joins text parts this way for string-content templates
 

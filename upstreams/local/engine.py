@@ -7,9 +7,10 @@ logits in place (see sampling.py).
 
 One context holds one sequence. :class:`LlamaCppModel` remembers which tokens the KV cache
 holds; a new prompt reuses the longest common token prefix (nudging re-sends a growing prompt
-many times) and evaluates only the rest (generation.py drives it token by token). The class is not thread-safe for evaluation: the
-server drives it from a single worker thread (worker.py). Tokenizing and reading token pieces
-only read the vocabulary and may happen on other threads, as llama.cpp's own server does.
+many times) and evaluates only the rest (generation.py drives it token by token). The class is
+not thread-safe for evaluation: the server drives it from a single worker thread (worker.py).
+Tokenizing and reading token pieces only read the vocabulary and may happen on other threads,
+as llama.cpp's own server does.
 """
 
 from __future__ import annotations
@@ -244,8 +245,9 @@ class LlamaCppModel:
         """Bring the KV cache to `prompt`, so that :meth:`logits` is the next-token distribution.
 
         The longest common prefix with what the cache holds is kept (when at least MIN_REUSE
-        tokens long) and only the rest is evaluated. A prompt wholly in the cache needs the logits at its end: the memo of the
-        last prompt has them; otherwise its last token is evaluated again.
+        tokens long) and only the rest is evaluated. A prompt wholly in the cache needs the
+        logits at its end: the memo of the last prompt has them; otherwise its last token is
+        evaluated again.
         """
         if not prompt:
             raise EngineError("cannot evaluate an empty prompt")

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..openai_api import Sampling
 from .sampling import GREEDY_BELOW, Logits, choose, log_normalizer, top_k
 from .text import StopStrings, Utf8Pieces
 
@@ -39,16 +40,6 @@ class Model(Protocol):
     def is_end(self, token: int) -> bool: ...
     def piece(self, token: int) -> bytes: ...
     def label(self, token: int) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    logprobs: int | None = None  # top-k size to report; None = no logprobs
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -14,24 +14,22 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from .generation import Model, Outcome, Sampling, Step, generate
+from ..openai_api import Counters, Sampling
+from .generation import Model, Outcome, Step, generate
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class Stats:
+class Stats(Counters):
     prompt_tokens_evaluated: int = 0
     prompt_tokens_reused: int = 0
     tokens_generated: int = 0
     requests_total: int = 0
     requests_cancelled: int = 0
     open_requests: int = 0  # submitted and not yet finished or dropped
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class _Finished:
@@ -113,9 +111,8 @@ class Worker:
         return job
 
     def reset_stats(self) -> None:
-        """Start the totals again; requests in flight stay open."""
-        with self._lock:
-            self.stats = Stats(open_requests=self.stats.open_requests)
+        with self._lock:  # the inference thread counts too
+            self.stats.reset()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread: the running job stops at its next token, queued ones are dropped."""

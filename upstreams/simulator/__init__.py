@@ -18,7 +18,6 @@ _EXPORTS = {
     "add_arguments": "app",
     "create_app": "app",
     "run": "app",
-    "serve": "app",
     "EOS": "documents",
     "PROFILES": "documents",
     "Features": "documents",

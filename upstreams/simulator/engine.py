@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from ..openai_api import Counters, Sampling
 from .documents import EOS
 from .latency import LatencyModel, PrefixCache, Schedule
 from .model import Distribution, LanguageModel, logprob
@@ -19,31 +20,13 @@ from .tokenizer import tokenize
 
 
 @dataclass(slots=True)
-class Stats:
+class Stats(Counters):
     open_requests: int = 0
     requests_total: int = 0
     requests_cancelled: int = 0
     tokens_generated: int = 0
     prompt_tokens_total: int = 0
     prompt_tokens_cached: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def reset(self) -> None:
-        # Requests in flight stay open; only the totals start again.
-        self.requests_total = self.requests_cancelled = self.tokens_generated = 0
-        self.prompt_tokens_total = self.prompt_tokens_cached = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    logprobs: int | None = None
-    stop: Sequence[str] = ()
 
 
 @dataclass(slots=True)

@@ -75,7 +75,8 @@ def predict(corpus: Corpus, context: list[int]) -> Prediction:
         # Without a landmark, start afresh; but never restart the opener over written words.
         wordless = not any(corpus.is_word_id(i) for i in context[1:])
         position = 1 if wordless or not corpus.landmarks else corpus.landmarks[0][1]
-        for (_, end), key in zip(reversed(corpus.landmarks), reversed(corpus.landmark_keys)):
+        for (_, end), key in zip(reversed(corpus.landmarks), reversed(corpus.landmark_keys),
+                                     strict=True):
             if key in answer.key:
                 position = end
                 break
@@ -143,7 +144,7 @@ def with_probabilities(top: str, confidence: float, others: Sequence[str]) -> Di
     total = sum(weights)
     share = min((1.0 - confidence) * 0.9, confidence * total) if total else 0.0
     result = [(top, confidence)]
-    result.extend((token, share * w / total) for token, w in zip(others, weights))
+    result.extend((token, share * w / total) for token, w in zip(others, weights, strict=True))
     return result
 
 
@@ -350,7 +351,8 @@ def _reading_distribution(previous: str, token: str) -> Distribution:
     probability = 0.05 + 0.9 * digest[0] / 255
     fillers = [t for t in (" the", ",", "\n", ".") if t != token][:3]
     rest = 1.0 - probability
-    entries = [(token, probability)] + [(t, rest * s) for t, s in zip(fillers, (0.4, 0.2, 0.1))]
+    shares = zip(fillers, (0.4, 0.2, 0.1), strict=True)  # four candidates less `token`, cut to 3
+    entries = [(token, probability)] + [(t, rest * s) for t, s in shares]
     return sorted(entries, key=lambda e: -e[1])
 
 
