@@ -6,16 +6,12 @@ import argparse
 import asyncio
 import json
 import math
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +20,8 @@ from upstreams.simulator.documents import EOS, content_for, features_of
 from upstreams.simulator.latency import LatencyModel, PrefixCache
 from upstreams.simulator.model import LanguageModel, split
 from upstreams.simulator.tokenizer import tokenize
+
+from .servers import running
 
 QUESTIONS = [
     "What is photosynthesis?",
@@ -564,29 +562,10 @@ async def test_models_health_and_stats(base: httpx.AsyncClient) -> None:
 # Latency, concurrency and disconnects on a real server
 
 
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "simulator did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def test_client_disconnect_stops_generation() -> None:
     latency = LatencyModel.for_profile("aligned").with_overrides("decode_ms=20")
     app = create_app("aligned", latency=latency)
-    with serving(app) as url, httpx.Client(base_url=url) as client:
+    with running(app) as url, httpx.Client(base_url=url) as client:
         body = {"prompt": chatml("Sing a song about the sea."), "max_tokens": 500,
                 "temperature": 0, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as response:
