@@ -67,7 +67,8 @@ from .servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 240
-MAX_TOKENS = 48
+MAX_TOKENS = 48  # fast vs paper
+SDK_TOKENS = 32  # the SDK checks
 THRESHOLD = 0.3  # configs/demo.yaml's threshold for gemma-nudged
 # Step-7 guards that only `paper` has (they inspect whole 16-token chunks) and that change
 # the text; chunk_empty adds nothing either way.
@@ -92,14 +93,16 @@ QUESTIONS = [
     "Why do cats purr?",
 ]
 # Observed on this machine (2 cores, one thread per model), these 10 prompts, max_tokens 48,
-# each generation from reset caches, three runs: 8, 9 and 9 of 10 equal. The divergences:
-# airplanes in every run, `paper`'s chunk_copies_output guard at char 131 (`fast` goes on
-# with the base: "Airplanes are designed to fly using the principle of aerodynamics." again);
-# the poem in one run, a takeover probe whose top-1 probability is 0.308 for a threshold of
-# 0.3 (0.2999 with another batch split of the same tokens; which split the base sees depends
-# on what its KV cache holds, and in `fast` on the timing of the concurrent probes).
-# Re-tokenization never caused one: `paper` fetched no second chunk within 48 tokens on these
-# prompts, and at 128 tokens its chunk prompts (4 in 3 prompts) re-tokenized to the generated tokens.
+# each generation from reset caches, five runs: 8 of 10 equal once, 9 of 10 four times.
+# The divergences: airplanes in every run, `paper`'s chunk_copies_output guard at char 131
+# (`fast` goes on with the base: "Airplanes are designed to fly using the principle of
+# aerodynamics." again); the poem in one run, a takeover probe whose top-1 probability is
+# 0.308 for a threshold of 0.3 (0.2999 with another batch split of the same tokens; which
+# split the base sees depends on what its KV cache holds, and in `fast` on the timing of the
+# concurrent probes). Re-tokenization never caused one: `paper` fetched no second chunk
+# within 48 tokens on these prompts; at 128 tokens its chunk prompts (4 in 3 prompts)
+# re-tokenized to the generated tokens, and so did every prefix of Gemma's greedy
+# 128-token answers to these prompts (1280 prefixes).
 # The bound is the observed worst case minus two more near-threshold flips; the assertion
 # that matters more is that every divergence has a cause.
 MIN_EQUAL = 6
@@ -278,13 +281,13 @@ def check_report(report: dict[str, Any], text: str, completion_tokens: int) -> N
 async def test_nudged_answer_streamed_and_not_with_sync_and_async_sdk(demo: Demo) -> None:
     reset_caches(demo)
     whole = sdk(demo).chat.completions.create(
-        model="gemma-nudged", messages=messages(QUESTION), max_tokens=MAX_TOKENS,
+        model="gemma-nudged", messages=messages(QUESTION), max_tokens=SDK_TOKENS,
         temperature=0, extra_body=PROVENANCE)
     text = whole.choices[0].message.content
     assert text and text.strip()
     assert whole.usage is not None
     assert whole.usage.prompt_tokens > 0
-    assert 0 < whole.usage.completion_tokens <= MAX_TOKENS
+    assert 0 < whole.usage.completion_tokens <= SDK_TOKENS
     assert whole.choices[0].finish_reason in ("stop", "length")
     report = (whole.choices[0].model_extra or {})["nudging"]
     check_report(report, text, whole.usage.completion_tokens)
@@ -292,7 +295,7 @@ async def test_nudged_answer_streamed_and_not_with_sync_and_async_sdk(demo: Demo
     reset_caches(demo)
     client = async_sdk(demo)
     stream = await client.chat.completions.create(
-        model="gemma-nudged", messages=messages(QUESTION), max_tokens=MAX_TOKENS,
+        model="gemma-nudged", messages=messages(QUESTION), max_tokens=SDK_TOKENS,
         temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=PROVENANCE)
     chunks = [chunk async for chunk in stream]
     await client.close()
@@ -312,13 +315,13 @@ def test_passthrough_models_answer_with_sync_sdk(demo: Demo) -> None:
     client = sdk(demo)
     for model in ("gemma-base", "smollm-instruct"):
         whole = client.chat.completions.create(model=model, messages=messages(QUESTION),
-                                               max_tokens=MAX_TOKENS, temperature=0)
+                                               max_tokens=SDK_TOKENS, temperature=0)
         text = whole.choices[0].message.content
         assert text and text.strip(), model
         assert whole.usage is not None and whole.usage.prompt_tokens > 0
-        assert 0 < whole.usage.completion_tokens <= MAX_TOKENS
+        assert 0 < whole.usage.completion_tokens <= SDK_TOKENS
         stream = client.chat.completions.create(
-            model=model, messages=messages(QUESTION), max_tokens=MAX_TOKENS, temperature=0,
+            model=model, messages=messages(QUESTION), max_tokens=SDK_TOKENS, temperature=0,
             stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         # A passthrough request repeats on a cache that holds its prompt: the upstream
@@ -355,6 +358,7 @@ class Run:
     spans: list[dict[str, str]]
     stop_reason: str
     seconds: float
+    tokens: int
 
     def sources(self) -> list[str]:
         """The source of every character."""
@@ -372,7 +376,7 @@ def nudged(demo: Demo, question: str, strategy: str) -> Run:
     report = (reply.choices[0].model_extra or {})["nudging"]
     assert reply.usage is not None and reply.usage.completion_tokens <= MAX_TOKENS
     return Run(reply.choices[0].message.content or "", report["spans"], report["stop_reason"],
-               seconds)
+               seconds, reply.usage.completion_tokens)
 
 
 @dataclass(slots=True)
@@ -529,7 +533,12 @@ def classify(demo: Demo, question: str, fast: Run, paper: Run) -> Divergence:
     # A decision is taken where the text so far ends; a word's leading space is the next
     # token's, so the decision point is before it.
     points = sorted({len(paper.text[:at].rstrip(" ")) for at in (sources, k)})
-    replay = asyncio.run(replay_paper(demo, question))
+    # The budget only cuts the text, so a replay that stops soon after the divergence makes
+    # the same requests up to there; the full budget when that estimate falls short.
+    budget = min(MAX_TOKENS, math.ceil(paper.tokens * (k + 1) / max(len(paper.text), 1)) + 8)
+    replay = asyncio.run(replay_paper(demo, question, budget))
+    if len(replay.text) <= k and budget < MAX_TOKENS:
+        replay = asyncio.run(replay_paper(demo, question))
     notes = []
     if replay.text[: k + 1] != paper.text[: k + 1]:
         notes.append("in-process paper replay differs before the divergence")
