@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +70,15 @@ def local_launcher(threads: int | None) -> Launcher:
     return launch
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _wait_healthy(port: int, process: subprocess.Popen[bytes], deadline: float) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -99,6 +109,11 @@ def run_stack(
         commands = {port: launch(port, upstream) for port, upstream in local_upstreams(config).items()}
     except ConfigError as error:
         sys.exit(f"nudging-proxy: {error}")
+    # Another server on an upstream's port would answer /health in its place.
+    busy = [port for port in commands if not _port_is_free(port)]
+    if busy:
+        ports = ", ".join(map(str, busy))
+        sys.exit(f"nudging-proxy: port {ports} already in use; change the config's upstream URLs")
     processes: list[subprocess.Popen[bytes]] = []
 
     def terminate(signum: int, frame: FrameType | None) -> None:
