@@ -95,30 +95,17 @@ class UpstreamClient:
         if self._dialect is None:
             async with self._detecting:
                 if self._dialect is None:
-                    self._dialect = detect(await self._get_json("models"))
+                    self._dialect = detect(await self._json(Request("models", None), "GET"))
         return self._dialect
 
-    async def _get_json(self, path: str) -> Any:
-        try:
-            response = await self._http.get(path)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(self.role, "timed out") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
-        _raise_for_status(self.role, response.status_code, response.text)
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise UpstreamError(self.role, "malformed JSON answer") from exc
-
-    async def _send(self, request: Request) -> httpx.Response:
+    async def _send(self, request: Request, method: str = "POST") -> httpx.Response:
         """Send a request and return once its headers arrived (the body is still to be read).
 
         A send cancelled while its connection is being set up would leave that connection
         stuck in httpcore's pool (encode/httpcore#1093) until the pool is full; so a
         cancelled send finishes in the background and its response is closed at once.
         """
-        wire = self._http.build_request("POST", request.path, json=request.body)
+        wire = self._http.build_request(method, request.path, json=request.body)
         sending = asyncio.ensure_future(self._http.send(wire, stream=True))
         try:
             return await asyncio.shield(sending)
@@ -137,8 +124,8 @@ class UpstreamClient:
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
-    async def _post_json(self, request: Request) -> Any:
-        response = await self._send(request)
+    async def _json(self, request: Request, method: str = "POST") -> Any:
+        response = await self._send(request, method)
         try:
             body = await response.aread()
         except httpx.TimeoutException as exc:
@@ -158,7 +145,7 @@ class UpstreamClient:
         dialect = await self.dialect()
         parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=False)
         async with self._slots:
-            reply = parse(await self._post_json(dialect.completion(call, self.model, stream=False)))
+            reply = parse(await self._json(dialect.completion(call, self.model, stream=False)))
         return Completion(tuple(reply.tokens), reply.finish_reason, reply.prompt_tokens)
 
     def stream(self, call: CompletionCall, *, slot_taken: asyncio.Event | None = None) -> CompletionStream:
@@ -169,14 +156,14 @@ class UpstreamClient:
         """Prompt size by the upstream's own tokenizer, if it offers one."""
         try:
             dialect = await self.dialect()
-            return dialect.token_count(await self._post_json(dialect.tokenize(self.model, prompt)))
+            return dialect.token_count(await self._json(dialect.tokenize(self.model, prompt)))
         except UpstreamError:
             return None
 
     async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
         """The chat rendered by the upstream's own template, if it can render one."""
         dialect = await self.dialect()
-        return await dialect.render_chat(self._post_json, self.model, messages)
+        return await dialect.render_chat(self._json, self.model, messages)
 
     async def ready(self) -> bool:
         try:

@@ -31,7 +31,7 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class Request:
     path: str  # relative to the upstream's base URL (".../v1/"); "../x" reaches the root
-    body: dict[str, Any]
+    body: dict[str, Any] | None
 
 
 class Dialect(ABC):
