@@ -56,7 +56,8 @@ class Generation:
     async def pieces(self) -> AsyncGenerator[Piece, None]:
         prompt_role: Source = "nudging" if self.request.method == "nudging_only" else "base"
         counting = None
-        if self.request.method == "nudging":
+        # All choices of a request share the prompt; the first one measures it.
+        if self.request.method == "nudging" and self.request.choice_index == 0:
             # Every base call of nudging extends the prompt, so none reports its bare size.
             counting = asyncio.create_task(self._clients["base"].count_tokens(self.request.base_prompt))
         try:

@@ -45,7 +45,8 @@ def provenance_report(run: ChoiceRun) -> NudgingReport:
 
 
 def usage(runs: list[ChoiceRun]) -> UsageInfo:
-    prompt_tokens = max((run.generation.prompt_tokens for run in runs), default=0)
+    # Choices share one prompt; the first choice measured it.
+    prompt_tokens = runs[0].generation.prompt_tokens if runs else 0
     completion_tokens = sum(run.generation.completion_tokens for run in runs)
     return UsageInfo(
         prompt_tokens=prompt_tokens,
