@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from nudging_core.types import Completion, GenerationStats, SamplingParams, Source, Token
+from nudging_core.types import Completion, GenerationStats, Role, SamplingParams, Token
 from nudging_core.upstream import CompletionCall, CompletionStream, UpstreamClient
 
 
@@ -24,13 +24,13 @@ class RoleCaller:
     def __init__(
         self,
         client: UpstreamClient,
-        role: Source,
+        role: Role,
         stats: GenerationStats,
         sampling: SamplingParams,
         choice_index: int = 0,
     ) -> None:
         self.client = client
-        self.role: Source = role
+        self.role: Role = role
         self._stats = stats
         self._sampling = sampling
         self._choice_index = choice_index
@@ -102,9 +102,9 @@ class RoleCaller:
 class CountedStream:
     """Token iterator over a streamed completion that counts the tokens received."""
 
-    def __init__(self, stats: GenerationStats, role: Source) -> None:
+    def __init__(self, stats: GenerationStats, role: Role) -> None:
         self._stats = stats
-        self._role: Source = role
+        self._role: Role = role
         self.stream: CompletionStream | None = None
 
     @property

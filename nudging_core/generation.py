@@ -12,13 +12,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from nudging_core.baselines import BaselineContext, generate_baseline
 from nudging_core.calls import RoleCaller
 from nudging_core.nudging import NudgingContext, NudgingParams, nudge
 from nudging_core.stopping import Budget, StopFilter
-from nudging_core.types import FinishReason, GenerationStats, Piece, SamplingParams, Source
+from nudging_core.types import FinishReason, GenerationStats, Piece, Role, SamplingParams, Source
 from nudging_core.upstream import ContextOverflow, UpstreamClient
 
-Method = Literal["nudging", "base_only", "nudging_only"]
+Method = Literal["nudging", "base_only", "nudging_only", "proxy_tuning", "ensemble"]
 PASSTHROUGH_ROLE: dict[str, Source] = {"base_only": "base", "nudging_only": "nudging"}
 LENGTH_REASONS = frozenset({"length", "context_length"})
 
@@ -40,15 +41,17 @@ class GenerationRequest:
 class Generation:
     """Runs one generation; after `pieces()` ends, `finish_reason` and `stats` are final."""
 
-    def __init__(self, request: GenerationRequest, clients: dict[Source, UpstreamClient]) -> None:
+    def __init__(self, request: GenerationRequest, clients: dict[Role, UpstreamClient]) -> None:
         self.request = request
         self.stats = GenerationStats()
+        for role in clients:
+            self.stats.track(role)
         self._clients = clients
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.finish_reason: FinishReason = "stop"
 
-    def _caller(self, role: Source) -> RoleCaller:
+    def _caller(self, role: Role) -> RoleCaller:
         return RoleCaller(
             self._clients[role], role, self.stats, self.request.sampling, self.request.choice_index
         )
@@ -72,9 +75,11 @@ class Generation:
 
     async def _filtered_pieces(self) -> AsyncGenerator[Piece, None]:
         stop_filter = StopFilter(self.request.stop)
+        produced = False
         try:
             async with aclosing(self._method_pieces()) as pieces:
                 async for piece in pieces:
+                    produced = True
                     for visible in stop_filter.feed(piece):
                         self.completion_tokens += visible.num_tokens
                         yield visible
@@ -82,6 +87,8 @@ class Generation:
                         self.stats.stop_reason = "stop_string"
                         break
         except ContextOverflow:
+            if not produced:
+                raise  # the prompt itself does not fit: the client's request is at fault
             self.stats.stop_reason = "context_length"
         for visible in stop_filter.flush():
             self.completion_tokens += visible.num_tokens
@@ -102,6 +109,16 @@ class Generation:
                 stats=self.stats,
             )
             return nudge(context)
+        if request.method in ("proxy_tuning", "ensemble"):
+            return generate_baseline(BaselineContext(
+                method=request.method,
+                callers={role: self._caller(role) for role in self._clients},
+                base_prompt=request.base_prompt,
+                nudging_prompt=request.nudging_prompt,
+                chunk_tokens=request.params.chunk_tokens,
+                budget=budget,
+                stats=self.stats,
+            ))
         role = PASSTHROUGH_ROLE[request.method]
         prompt = request.base_prompt if role == "base" else request.nudging_prompt
         return self._passthrough(role, prompt, budget)

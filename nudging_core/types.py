@@ -6,7 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Which model wrote a piece of output (provenance).
 Source = Literal["base", "nudging"]
+# Which upstream a call goes to: the sources, plus the aligned model's own base model,
+# which only proxy tuning asks (it never writes output itself).
+Role = Literal["base", "nudging", "nudging_base"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +121,8 @@ class GenerationStats:
 
     def fire(self, rule: str) -> None:
         self.rules[rule] = self.rules.get(rule, 0) + 1
+
+    def track(self, role: Role) -> None:
+        """Count the calls of a role beyond the two every generation reports."""
+        for counts in (self.upstream_requests, self.cancelled_requests, self.upstream_tokens):
+            counts.setdefault(role, 0)

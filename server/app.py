@@ -1,4 +1,5 @@
-"""The FastAPI application: models, routes, error handlers, optional API keys."""
+"""The FastAPI application: models, routes, error handlers, and the middleware around them:
+request ids, logs and metrics; shutdown; CORS; API keys; body size."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
-from .auth import APIKeyMiddleware
+from .auth import APIKeyMiddleware, open_paths
 from .config import Config
 from .errors import install_error_handlers
+from .limits import BodySizeLimit
+from .metrics import Metrics, metrics_endpoint
+from .observability import ObservabilityMiddleware
 from .registry import ModelRegistry
 from .routes import router
+from .shutdown import EndRequestsOnShutdown
 
 
 def create_app(config: Config) -> FastAPI:
@@ -28,7 +34,21 @@ def create_app(config: Config) -> FastAPI:
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(router)
-    keys = config.server.api_keys()
+    server = config.server
+    app.state.limits = server.limits
+    app.state.metrics = metrics = Metrics()
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    # The last middleware added runs first: request ids and metrics see every answer, CORS
+    # answers preflights before API keys are asked for, and no body is read without a key.
+    app.add_middleware(BodySizeLimit, max_bytes=server.limits.max_body_bytes)
+    keys = server.api_keys()
     if keys:
-        app.add_middleware(APIKeyMiddleware, keys=keys)
+        app.add_middleware(APIKeyMiddleware, keys=keys, open_paths=open_paths(server))
+    if server.cors.allow_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=server.cors.allow_origins, allow_methods=["*"],
+            allow_headers=["*"], expose_headers=["X-Request-Id"],
+        )
+    app.add_middleware(EndRequestsOnShutdown)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     return app

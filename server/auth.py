@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .config import ServerConfig
 from .errors import unauthorized
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+HEALTH_PATHS = frozenset({"/health", "/ready"})
+METRICS_PATHS = frozenset({"/metrics"})
+
+
+def open_paths(server: ServerConfig) -> frozenset[str]:
+    """The paths that need no key: health checks and metrics unless the config protects them."""
+    paths: frozenset[str] = frozenset()
+    if not server.protect_health:
+        paths |= HEALTH_PATHS
+    if not server.protect_metrics:
+        paths |= METRICS_PATHS
+    return paths
 
 
 def _authorized(header: str | None, keys: list[bytes]) -> bool:
@@ -21,12 +34,13 @@ def _authorized(header: str | None, keys: list[bytes]) -> bool:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], open_paths: Iterable[str] = HEALTH_PATHS) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -1,18 +1,23 @@
-"""`nudging-proxy`: serve the proxy, run a simulated upstream, or run the simulator stack."""
+"""`nudging-proxy`: serve the proxy, run a simulated upstream or the simulator stack, or evaluate."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
+from nudging_eval import cli as evaluation
 from upstreams.local import app as local_upstream
 from upstreams.simulator import app as simulator
 
 from .app import create_app
 from .config import Config, ConfigError, load_config
+from .logs import configure_logging, secrets_of
 from .stack import local_launcher, run_stack, simulator_launcher
 
 
@@ -24,13 +29,25 @@ def _load(path: str) -> Config:
 
 
 def serve(config: Config, host: str | None, port: int | None) -> None:
+    """Serve until SIGTERM or Ctrl-C; then stop accepting, let running requests finish for up
+    to `shutdown_grace_seconds`, and end the rest (server/shutdown.py)."""
+    configure_logging(config.server.log_level, secrets_of(config))
+    # sse-starlette ends every open stream as soon as uvicorn is told to stop; streams should
+    # rather run on through the grace period.
+    AppStatus.enable_automatic_graceful_drain = False
     uvicorn.run(
         create_app(config),
         host=host or config.server.host,
         port=port or config.server.port,
-        log_level="info",
-        timeout_graceful_shutdown=10,
+        log_config=None,
+        access_log=False,  # ours carries the request id, model and tokens (server/observability.py)
+        timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
     )
+
+
+def _exit_after_shutdown(signum: int, frame: FrameType | None) -> None:
+    # uvicorn raises the signal again once it has shut down; a clean shutdown exits 0.
+    sys.exit(0)
 
 
 def _serve_with_banner(config: Config, args: argparse.Namespace) -> None:
@@ -73,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_stack.add_argument("--time-scale", type=float, default=1.0,
                            help="scale the simulators' latency (0 = none)")
 
+    evaluation.add_arguments(
+        commands.add_parser("eval", help="run one of the paper's experiments over a dataset and report it")
+    )
     simulator.add_arguments(commands.add_parser("simulate", help="run a simulated vLLM-like upstream"))
     local_upstream.add_arguments(
         commands.add_parser("local-upstream", help="serve a GGUF model with llama.cpp on CPU")
@@ -83,11 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        signal.signal(signal.SIGTERM, _exit_after_shutdown)
+        signal.signal(signal.SIGINT, _exit_after_shutdown)
         serve(_load(args.config), args.host, args.port)
     elif args.command == "simulate":
         simulator.run(args)
     elif args.command == "local-upstream":
         local_upstream.run(args)
+    elif args.command == "eval":
+        evaluation.run(args)
     elif args.command == "demo":
         config = _load(args.config)
         run_stack(config, local_launcher(args.threads), lambda: _serve_with_banner(config, args),

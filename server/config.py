@@ -12,12 +12,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from nudging_core.templates import AUTO_TEMPLATE, BUILTIN_TEMPLATES, JINJA_SUFFIXES
 from nudging_core.upstream import DIALECT_NAMES, Timeouts
 
-Method = Literal["nudging", "base_only", "nudging_only"]
+Method = Literal["nudging", "base_only", "nudging_only", "proxy_tuning", "ensemble"]
 ROLES_NEEDED: dict[str, tuple[str, ...]] = {
     "nudging": ("base", "nudging"),
     "base_only": ("base",),
     "nudging_only": ("nudging",),
+    # The baselines compare token strings: their upstreams must share one tokenizer.
+    "proxy_tuning": ("base", "nudging", "nudging_base"),
+    "ensemble": ("base", "nudging"),
 }
+# Methods that write with both models and so render the nudger's chat prompt themselves.
+COMBINED_METHODS = frozenset({"nudging", "proxy_tuning", "ensemble"})
+
+
+def _check_http_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} must start with http:// or https://")
 
 
 class ConfigError(ValueError):
@@ -31,15 +41,25 @@ class Strict(BaseModel):
 class TimeoutsConfig(Strict):
     connect: float = Field(5.0, gt=0)
     read: float = Field(60.0, gt=0, description="also the longest wait between two stream events")
+    first_byte: float = Field(60.0, gt=0, description="from sending a request until its response headers")
     write: float = Field(10.0, gt=0)
     pool: float = Field(60.0, gt=0)
 
     def to_timeouts(self) -> Timeouts:
-        return Timeouts(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+        return Timeouts(connect=self.connect, read=self.read, first_byte=self.first_byte, write=self.write,
+                        pool=self.pool)
 
 
 class UpstreamConfig(Strict):
-    url: str = Field(description="base URL of the OpenAI-compatible API, e.g. http://vllm-base:8000/v1")
+    url: str | None = Field(
+        None, description="base URL of the OpenAI-compatible API, e.g. http://vllm-base:8000/v1"
+    )
+    urls: list[str] | None = Field(
+        None, min_length=1, description="several replicas of the same model instead of one `url`"
+    )
+    cooldown_seconds: float = Field(
+        10.0, gt=0, description="a failed replica takes no new generations for this long"
+    )
     model: str
     api_key_env: str | None = None
     dialect: str = Field("auto", description="wire format: auto (from /v1/models) or a server name")
@@ -53,10 +73,29 @@ class UpstreamConfig(Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_http_url(url)
         return url
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str] | None) -> list[str] | None:
+        for url in urls or []:
+            _check_http_url(url)
+        if urls is not None and len(set(urls)) != len(urls):
+            raise ValueError("lists the same URL twice")
+        return urls
+
+    @model_validator(mode="after")
+    def _one_address(self) -> UpstreamConfig:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give either `url` (one server) or `urls` (replicas), not both or neither")
+        return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self.urls if self.urls is not None else [self.url or ""]
 
     @field_validator("dialect")
     @classmethod
@@ -88,6 +127,9 @@ class ModelConfig(Strict):
     method: Method = "nudging"
     base: UpstreamConfig | None = None
     nudging: UpstreamConfig | None = None
+    nudging_base: UpstreamConfig | None = Field(
+        None, description="proxy_tuning only: the nudging model's own base model (same tokenizer)"
+    )
     threshold: float = Field(0.4, gt=0, le=1)
     lookahead_tokens: int = Field(16, ge=1, le=256)
     chunk_tokens: int = Field(16, ge=1, le=256)
@@ -103,17 +145,44 @@ class ModelConfig(Strict):
     wrap_completion_prompt: bool = Field(
         False, description="/v1/completions: render the prompt as a user turn in the nudger's template"
     )
+    retries: int = Field(
+        1, ge=0, le=5,
+        description="times a choice starts again after an upstream failure (unreachable, timeout, 5xx), "
+        "only while none of its text has reached the client",
+    )
+    on_nudger_failure: Literal["error", "base_only"] = Field(
+        "error", description="base_only: answer with the base model alone when the nudging upstream fails"
+    )
 
     @model_validator(mode="after")
     def _roles_present(self) -> ModelConfig:
         for role in ROLES_NEEDED[self.method]:
             if getattr(self, role) is None:
                 raise ValueError(f"method {self.method!r} needs the {role!r} upstream")
-        if self.method == "nudging" and self.nudging is not None and self.nudging.chat_template is None:
+        nudger = self.nudging
+        if self.method in COMBINED_METHODS and nudger is not None and nudger.chat_template is None:
             raise ValueError("the nudging upstream needs a chat_template")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens exceeds max_tokens_limit")
         return self
+
+
+class LimitsConfig(Strict):
+    """Bounds on one request; a request over one gets a 400 naming the field (413 for the body)."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_messages: int = Field(512, ge=1)
+    max_message_chars: int = Field(200_000, ge=1, description="text of one chat message")
+    max_prompt_chars: int = Field(
+        500_000, ge=1, description="a completions prompt, a nudging_prompt, or all chat messages together"
+    )
+    max_n: int = Field(16, ge=1)
+    max_stop: int = Field(4, ge=1, description="stop strings per request (OpenAI allows 4)")
+    max_stop_chars: int = Field(256, ge=1, description="length of one stop string")
+
+
+class CorsConfig(Strict):
+    allow_origins: list[str] = Field(default_factory=list, description="empty: no CORS headers")
 
 
 class ServerConfig(Strict):
@@ -122,10 +191,30 @@ class ServerConfig(Strict):
     api_keys_env: str | None = Field(
         None, description="env var holding comma-separated API keys; unset or empty disables auth"
     )
+    api_keys_file: str | None = Field(None, description="file with one API key per line ('#' comments)")
+    protect_health: bool = Field(False, description="require an API key for /health and /ready")
+    protect_metrics: bool = Field(False, description="require an API key for /metrics")
+    cors: CorsConfig = CorsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    shutdown_grace_seconds: int = Field(
+        30, ge=0, description="on SIGTERM, how long in-flight requests may run before they are ended"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _readable_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"API key file {path} does not exist")
+        return path
 
     def api_keys(self) -> list[str]:
         raw = os.environ.get(self.api_keys_env, "") if self.api_keys_env else ""
-        return [key.strip() for key in raw.split(",") if key.strip()]
+        keys = [key.strip() for key in raw.split(",")]
+        if self.api_keys_file is not None:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+            keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+        return [key for key in keys if key]
 
 
 class Config(Strict):

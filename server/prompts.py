@@ -19,7 +19,7 @@ class Prompts:
 
 
 async def _rendered_by_upstream(served: ServedModel, messages: list[Message]) -> str:
-    client = served.clients["nudging"]
+    client = served.replicas["nudging"].pick()
     try:
         rendered = await client.render_chat([{"role": m.role, "content": m.content} for m in messages])
     except UpstreamError as error:

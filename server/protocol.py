@@ -326,7 +326,10 @@ class Span(_ResponseModel):
 
 
 class NudgingReport(_ResponseModel):
-    """The per-choice `nudging` extension of a response, when the request asks for it."""
+    """The per-choice `nudging` extension of a response, when the request asks for it (and
+    always when the choice fell back to the base model)."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"fallback", "fallback_reason"})
 
     spans: list[Span] | None = None
     tokens: dict[str, int] = Field(default_factory=dict)
@@ -334,6 +337,8 @@ class NudgingReport(_ResponseModel):
     rounds: int = 0
     upstream_requests: dict[str, int] = Field(default_factory=dict)
     stop_reason: str | None = None
+    fallback: Literal["base_only"] | None = None
+    fallback_reason: str | None = None
 
 
 class _Choice(_ResponseModel):

@@ -1,4 +1,4 @@
-"""The served models: their config, their upstream clients and the nudger's chat template."""
+"""The served models: their config, their upstream replicas and the nudger's chat template."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import dataclass
 
 from nudging_core.templates import AUTO_TEMPLATE, ChatTemplate, get_chat_template
-from nudging_core.types import Source
-from nudging_core.upstream import UpstreamClient
+from nudging_core.types import Role
+from nudging_core.upstream import ReplicaSet, UpstreamClient
 
 from .config import Config, ModelConfig, UpstreamConfig
 
@@ -15,8 +15,12 @@ from .config import Config, ModelConfig, UpstreamConfig
 @dataclass(frozen=True, slots=True)
 class ServedModel:
     config: ModelConfig
-    clients: dict[Source, UpstreamClient]
+    replicas: dict[Role, ReplicaSet]
     chat_template: ChatTemplate | None
+
+    def pick_clients(self) -> dict[Role, UpstreamClient]:
+        """One replica per role for one generation, which stays on them (prefix cache)."""
+        return {role: replicas.pick() for role, replicas in self.replicas.items()}
 
     @property
     def uses_upstream_template(self) -> bool:
@@ -25,17 +29,19 @@ class ServedModel:
 
 
 class ModelRegistry:
-    """Builds one pooled client per distinct upstream and shares it between model names."""
+    """Builds the replicas of each distinct upstream once and shares them between model names."""
 
     def __init__(self, config: Config) -> None:
-        self._clients: dict[tuple[str, str, str | None, str, str], UpstreamClient] = {}
+        self._replicas: dict[tuple[tuple[str, ...], str, str | None, str, str], ReplicaSet] = {}
         self.models: dict[str, ServedModel] = {}
         for model in config.models:
-            clients: dict[Source, UpstreamClient] = {}
+            replicas: dict[Role, ReplicaSet] = {}
             if model.base is not None:
-                clients["base"] = self._client(model.base, "base")
+                replicas["base"] = self._replica_set(model.base, "base")
             if model.nudging is not None:
-                clients["nudging"] = self._client(model.nudging, "nudging")
+                replicas["nudging"] = self._replica_set(model.nudging, "nudging")
+            if model.nudging_base is not None:
+                replicas["nudging_base"] = self._replica_set(model.nudging_base, "nudging_base")
             template = None
             if model.nudging is not None and model.nudging.chat_template not in (None, AUTO_TEMPLATE):
                 template = get_chat_template(
@@ -43,34 +49,35 @@ class ModelRegistry:
                     bos_token=model.nudging.bos_token,
                     eos_token=model.nudging.eos_token,
                 )
-            self.models[model.name] = ServedModel(model, clients, template)
+            self.models[model.name] = ServedModel(model, replicas, template)
 
-    def _client(self, upstream: UpstreamConfig, role: Source) -> UpstreamClient:
-        key = (upstream.url, upstream.model, upstream.api_key_env, upstream.dialect, role)
-        if key not in self._clients:
-            self._clients[key] = UpstreamClient(
-                upstream.url,
+    def _replica_set(self, upstream: UpstreamConfig, role: Role) -> ReplicaSet:
+        key = (tuple(upstream.endpoints), upstream.model, upstream.api_key_env, upstream.dialect, role)
+        if key not in self._replicas:
+            self._replicas[key] = ReplicaSet.connect(
+                upstream.endpoints,
                 upstream.model,
                 role=role,
                 api_key=upstream.api_key(),
                 dialect=upstream.dialect,
                 timeouts=upstream.timeouts.to_timeouts(),
                 max_in_flight=upstream.max_in_flight,
+                cooldown=upstream.cooldown_seconds,
             )
-        return self._clients[key]
+        return self._replicas[key]
 
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)
 
     async def readiness(self) -> dict[str, bool]:
-        """Whether each distinct upstream answers, by `model-name.role`."""
+        """By `model-name.role`: whether at least one replica of that upstream answers."""
         checks = {
-            f"{name}.{role}": client.ready()
+            f"{name}.{role}": replicas.readiness()
             for name, served in self.models.items()
-            for role, client in served.clients.items()
+            for role, replicas in served.replicas.items()
         }
         results = await asyncio.gather(*checks.values())
-        return dict(zip(checks, results, strict=True))
+        return {check: any(answers) for check, answers in zip(checks, results, strict=True)}
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self._clients.values()))
+        await asyncio.gather(*(replicas.aclose() for replicas in self._replicas.values()))

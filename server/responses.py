@@ -41,6 +41,8 @@ def provenance_report(run: ChoiceRun) -> NudgingReport:
         rounds=stats.rounds,
         upstream_requests=dict(stats.upstream_requests),
         stop_reason=stats.stop_reason,
+        fallback="base_only" if run.fallback_reason is not None else None,
+        fallback_reason=run.fallback_reason,
     )
 
 
@@ -69,7 +71,8 @@ class Shape:
         self.id = new_chat_completion_id() if self.chat else new_completion_id()
 
     def _report(self, run: ChoiceRun) -> NudgingReport | None:
-        return provenance_report(run) if self.with_provenance else None
+        # A fallback is reported unasked: clients must be able to tell the answer is not nudged.
+        return provenance_report(run) if self.with_provenance or run.fallback_reason is not None else None
 
     def body(self, runs: list[ChoiceRun]) -> dict[str, Any]:
         total = usage(runs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -11,8 +12,10 @@ from typing import Any
 from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
 from nudging_core.types import Piece, SamplingParams
+from nudging_core.upstream import ContextOverflow, UpstreamError
+from nudging_core.upstream.errors import is_retryable
 
-from .errors import invalid_request
+from .errors import invalid_request, scrub_urls
 from .prompts import Prompts
 from .protocol import ChatCompletionRequest, CompletionRequest, unsupported_fields
 from .registry import ServedModel
@@ -99,10 +102,45 @@ class ChoiceRun:
     index: int
     generation: Generation
     pieces: list[Piece] = field(default_factory=list)
+    fallback_reason: str | None = None  # why this choice fell back to the base model alone
 
     @property
     def text(self) -> str:
         return "".join(piece.text for piece in self.pieces)
+
+    def restart(self, generation: Generation) -> None:
+        self.generation = generation
+        self.pieces.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPolicy:
+    """What a choice does when an upstream fails before any of its text reached the client."""
+
+    served: ServedModel
+    streaming: bool  # a streamed choice's pieces reach the client as they come
+
+    def retry(self, run: ChoiceRun, error: UpstreamError, retries_left: int) -> bool:
+        """Start `run` again, on freshly picked replicas, if that is safe and may help."""
+        if not self._restartable(run) or retries_left <= 0 or not is_retryable(error):
+            return False
+        run.restart(new_generation(self.served, run.generation.request))
+        return True
+
+    def fall_back(self, run: ChoiceRun, error: UpstreamError) -> bool:
+        """Answer with the base model alone, if configured and the nudger is what failed."""
+        request = run.generation.request
+        if (self.served.config.on_nudger_failure != "base_only" or error.role == "base"
+                or isinstance(error, ContextOverflow) or request.method == "base_only"
+                or not self._restartable(run)):
+            return False
+        run.restart(new_generation(self.served, dataclasses.replace(
+            request, method="base_only", passthrough_fields={})))
+        run.fallback_reason = scrub_urls(str(error))
+        return True
+
+    def _restartable(self, run: ChoiceRun) -> bool:
+        return not (self.streaming and any(piece.text for piece in run.pieces))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,17 +149,38 @@ class PieceEvent:
     piece: Piece | None  # None: this choice has finished
 
 
+def new_generation(served: ServedModel, request: GenerationRequest) -> Generation:
+    """A generation on the replicas the model picks now (so a retry may land on another)."""
+    return Generation(request, served.pick_clients())
+
+
 def make_runs(served: ServedModel, requests: list[GenerationRequest]) -> list[ChoiceRun]:
-    return [ChoiceRun(r.choice_index, Generation(r, served.clients)) for r in requests]
+    return [ChoiceRun(r.choice_index, new_generation(served, r)) for r in requests]
 
 
-async def run_choices(runs: list[ChoiceRun]) -> AsyncGenerator[PieceEvent, None]:
+async def _choice_pieces(run: ChoiceRun, policy: RecoveryPolicy) -> AsyncGenerator[Piece, None]:
+    """The pieces of one choice, started again after a failure as `policy` allows."""
+    retries_left = policy.served.config.retries
+    while True:
+        try:
+            async with aclosing(run.generation.pieces()) as pieces:
+                async for piece in pieces:
+                    run.pieces.append(piece)
+                    yield piece
+            return
+        except UpstreamError as error:
+            if policy.retry(run, error, retries_left):
+                retries_left -= 1
+            elif not policy.fall_back(run, error):
+                raise
+
+
+async def run_choices(runs: list[ChoiceRun], policy: RecoveryPolicy) -> AsyncGenerator[PieceEvent, None]:
     """Pieces of all choices as they come; an error in one cancels the others."""
     if len(runs) == 1:
         run = runs[0]
-        async with aclosing(run.generation.pieces()) as pieces:
+        async with aclosing(_choice_pieces(run, policy)) as pieces:
             async for piece in pieces:
-                run.pieces.append(piece)
                 yield PieceEvent(run, piece)
         yield PieceEvent(run, None)
         return
@@ -129,9 +188,8 @@ async def run_choices(runs: list[ChoiceRun]) -> AsyncGenerator[PieceEvent, None]
 
     async def produce(run: ChoiceRun) -> None:
         try:
-            async with aclosing(run.generation.pieces()) as pieces:
+            async with aclosing(_choice_pieces(run, policy)) as pieces:
                 async for piece in pieces:
-                    run.pieces.append(piece)
                     await queue.put(PieceEvent(run, piece))
             await queue.put(PieceEvent(run, None))
         except Exception as error:  # handed to the consumer, which re-raises it

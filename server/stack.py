@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from nudging_core.baselines import TOP_K
+
 from .config import Config, ConfigError, UpstreamConfig
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
@@ -33,7 +35,7 @@ def local_upstreams(config: Config) -> dict[int, UpstreamConfig]:
     """Port -> upstream, for every upstream of the config on this machine."""
     upstreams: dict[int, UpstreamConfig] = {}
     for model in config.models:
-        for upstream in (model.base, model.nudging):
+        for upstream in (model.base, model.nudging, model.nudging_base):
             if upstream is None:
                 continue
             parts = urlsplit(upstream.url)
@@ -52,8 +54,9 @@ def simulator_launcher(time_scale: float) -> Launcher:
                 f"local upstream model {upstream.model!r} is not a simulator profile "
                 f"({', '.join(sorted(SIMULATOR_PROFILES))})"
             )
+        # Proxy tuning asks for the paper's top-100 logprobs, beyond vLLM's default of 20.
         return [*CLI, "simulate", "--host", "127.0.0.1", "--port", str(port), "--profile", upstream.model,
-                "--time-scale", str(time_scale)]
+                "--time-scale", str(time_scale), "--max-logprobs", str(max(TOP_K.values()))]
 
     return launch
 

@@ -30,6 +30,7 @@ class ScriptedUpstream:
     name: str = "scripted"
     documents: list[Document] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each completions request
 
     def add(self, prefix: str, tokens: list[tuple[str, float]], *, eos: bool = True) -> None:
         self.documents.append(Document(prefix, tuple(tokens), eos))
@@ -69,6 +70,7 @@ class ScriptedUpstream:
         async def completions(request: Request) -> Any:
             body = await request.json()
             self.requests.append(body)
+            self.headers.append(dict(request.headers))
             try:
                 tokens, finish = self.reply(body["prompt"], body.get("max_tokens", 16))
             except LookupError as error:

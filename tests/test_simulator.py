@@ -623,7 +623,7 @@ def test_cli_hooks(capsys: pytest.CaptureFixture[str]) -> None:
     assert LatencyModel.for_profile("aligned") == LatencyModel(3, 0.05, 8)
     with pytest.raises(SystemExit):
         parser.parse_args(["--profile", "base", "--faults", "drop=0.1"])
-    assert "fault injection is not implemented yet" in capsys.readouterr().err
+    assert "unknown fault 'drop'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["--profile", "base", "--latency", "speed=3"])
     assert "bad latency setting 'speed=3'" in capsys.readouterr().err

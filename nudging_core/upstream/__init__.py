@@ -4,12 +4,15 @@ from .call import CompletionCall
 from .client import CompletionStream, Timeouts, UpstreamClient
 from .dialects import DIALECT_NAMES
 from .errors import ContextOverflow, UpstreamError, UpstreamTimeout
+from .replicas import ReplicaHealth, ReplicaSet
 
 __all__ = [
     "DIALECT_NAMES",
     "CompletionCall",
     "CompletionStream",
     "ContextOverflow",
+    "ReplicaHealth",
+    "ReplicaSet",
     "Timeouts",
     "UpstreamClient",
     "UpstreamError",

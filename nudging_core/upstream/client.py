@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -20,15 +22,33 @@ from nudging_core.types import Completion, Token
 
 from .call import CompletionCall
 from .dialects import DIALECTS, Dialect, Parser, Request, detect
-from .errors import ContextOverflow, UpstreamError, UpstreamTimeout
+from .errors import ContextOverflow, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 CONTEXT_OVERFLOW_MARKERS = ("maximum context length", "context length", "exceeds the available context")
+
+# Told about every upstream request once its response headers arrived or it failed:
+# (role, outcome, seconds), the outcome an HTTP status, "timeout", "unreachable" or "cancelled".
+UpstreamObserver = Callable[[str, str, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestScope:
+    """What the server tells upstream calls about the client request they serve. A ContextVar
+    carries it, so no signature between the server and `_send` has to."""
+
+    request_id: str | None = None  # forwarded as X-Request-Id
+    observer: UpstreamObserver | None = None
+
+
+NO_REQUEST_SCOPE = RequestScope()
+request_scope: ContextVar[RequestScope] = ContextVar("request_scope", default=NO_REQUEST_SCOPE)
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float = 5.0
     read: float = 60.0  # also the longest wait between two stream events
+    first_byte: float = 60.0  # from sending a request until its response headers arrived
     write: float = 10.0
     pool: float = 60.0
 
@@ -82,6 +102,7 @@ class UpstreamClient:
             transport=transport,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._first_byte = timeouts.first_byte
         self._dialect: Dialect | None = None if dialect == "auto" else DIALECTS[dialect]()
         self._detecting = asyncio.Lock()
         # Responses of cancelled sends, being closed in the background.
@@ -102,20 +123,48 @@ class UpstreamClient:
         """Send a request and return once its headers arrived (the body is still to be read).
 
         A send cancelled while its connection is being set up would leave that connection
-        stuck in httpcore's pool (encode/httpcore#1093) until the pool is full; so a
-        cancelled send finishes in the background and its response is closed at once.
+        stuck in httpcore's pool (encode/httpcore#1093) until the pool is full; so a send
+        cancelled before its request was written finishes in the background and its response
+        is closed at once. Once the request is written, httpcore closes the connection of a
+        cancelled send cleanly, so it is cancelled at once: the upstream sees its client leave
+        without waiting for the headers (which a non-streamed answer sends only at its end).
         """
-        wire = self._http.build_request(method, request.path, json=request.body)
+        scope = request_scope.get()
+        headers = {"X-Request-Id": scope.request_id} if scope.request_id else None
+        written = asyncio.Event()
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            if event.endswith("receive_response_headers.started"):
+                written.set()
+
+        wire = self._http.build_request(method, request.path, json=request.body, headers=headers,
+                                        extensions={"trace": trace})
         sending = asyncio.ensure_future(self._http.send(wire, stream=True))
+        started, outcome = time.perf_counter(), "cancelled"
         try:
-            return await asyncio.shield(sending)
-        except asyncio.CancelledError:
-            sending.add_done_callback(self._discard)
-            raise
+            async with asyncio.timeout(self._first_byte):
+                try:
+                    response = await asyncio.shield(sending)
+                except asyncio.CancelledError:
+                    if written.is_set():
+                        sending.cancel()
+                    else:
+                        sending.add_done_callback(self._discard)
+                    raise
+            outcome = str(response.status_code)
+            return response
+        except TimeoutError as exc:
+            outcome = "timeout"
+            raise UpstreamTimeout(self.role, f"no response within {self._first_byte:g} s") from exc
         except httpx.TimeoutException as exc:
+            outcome = "timeout"
             raise UpstreamTimeout(self.role, "timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
+            outcome = "unreachable"
+            raise UpstreamUnreachable(self.role, f"unreachable ({type(exc).__name__})") from exc
+        finally:
+            if scope.observer is not None:
+                scope.observer(self.role, outcome, time.perf_counter() - started)
 
     def _discard(self, sending: asyncio.Future[httpx.Response]) -> None:
         if sending.cancelled() or sending.exception() is not None:
@@ -131,7 +180,7 @@ class UpstreamClient:
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(self.role, "timed out") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(self.role, f"unreachable ({type(exc).__name__})") from exc
+            raise UpstreamUnreachable(self.role, f"answer interrupted ({type(exc).__name__})") from exc
         finally:
             await response.aclose()
         text = body.decode("utf-8", "replace")
@@ -255,7 +304,7 @@ class CompletionStream:
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(role, "timed out mid-stream") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(role, f"stream interrupted ({type(exc).__name__})") from exc
+            raise UpstreamUnreachable(role, f"stream interrupted ({type(exc).__name__})") from exc
         if self.finish_reason is None:
             raise UpstreamError(role, "stream ended without a finish reason")
         self.completed = True

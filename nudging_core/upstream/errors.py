@@ -20,5 +20,18 @@ class UpstreamTimeout(UpstreamError):
     """An upstream did not answer within the configured timeout."""
 
 
+class UpstreamUnreachable(UpstreamError):
+    """An upstream could not be reached, or broke the connection before its answer ended."""
+
+
 class ContextOverflow(UpstreamError):
     """The prompt plus the requested tokens exceed the upstream model's context."""
+
+
+def is_retryable(error: UpstreamError) -> bool:
+    """Whether asking again (another replica, perhaps) may succeed: the upstream was
+    unreachable, timed out or failed on its side (5xx); never a request it refused (4xx)
+    or an answer it got wrong (malformed, without logprobs)."""
+    if isinstance(error, UpstreamUnreachable | UpstreamTimeout):
+        return True
+    return error.status_code is not None and error.status_code >= 500

@@ -1,7 +1,8 @@
 """The simulated upstream as a web server speaking vLLM's OpenAI-compatible completions API.
 
 Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``GET /v1/models``, ``GET /health``,
-``GET /stats`` and ``POST /stats/reset`` (counters for tests and benchmarks).
+``GET /stats`` and ``POST /stats/reset`` (counters for tests and benchmarks), ``GET /faults``
+and ``POST /faults`` (``{"faults": SPEC}``: the fault spec in force, see :mod:`.faults`).
 
 Behaviour follows vLLM where the proxy can observe it: errors are
 ``{"object": "error", "message", "type", "param", "code"}``; a ``model`` other than the served
@@ -18,15 +19,17 @@ on its own (``python -m upstreams.simulator``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from ..cli import add_listen_arguments, add_serving_arguments, positive_int
 from ..openai_api import (
@@ -35,23 +38,48 @@ from ..openai_api import (
     ApiError,
     Reply,
     check_model,
+    context_length_error,
     logprobs_block,
     parse_completion_request,
 )
 from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
 from .documents import PROFILES
 from .engine import Engine, Outcome, Step
+from .faults import (
+    CLOSE_CONNECTION,
+    Faults,
+    FaultSpecError,
+    ModelsFaults,
+    connection_closer,
+    disrupt,
+    slowed,
+    until_disconnected,
+    whole_answer_fault,
+)
 from .latency import PROFILE_DEFAULTS, LatencyModel
 from .model import LanguageModel, logprob
 from .protocol import SIMULATOR, SimulatorRequest
 from .tokenizer import tokenize
 
-_DISCONNECT_CHECK_EVERY = 4  # tokens between disconnect checks of non-streaming requests
-
 
 def default_model_name(profile: str) -> str:
     # Configs name a simulated upstream's model by its profile (``model: base``).
     return profile
+
+
+class SimulatorApp(FastAPI):
+    """The app, with a way for faults to close a connection without answering.
+
+    ASGI has none, so the server's own `send` (uvicorn's, before any middleware wraps it)
+    is asked for its connection here, and the closer is left in the request's scope.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            close = connection_closer(send)
+            if close is not None:
+                scope[CLOSE_CONNECTION] = close
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -61,8 +89,10 @@ def create_app(
     max_model_len: int = 4096,
     model_name: str | None = None,
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+    faults: str = "",
 ) -> FastAPI:
-    """A FastAPI app serving one simulated model (`profile`: base, aligned or aligned-base)."""
+    """A FastAPI app serving one simulated model (`profile`: base, aligned or aligned-base),
+    misbehaving as the fault spec `faults` says (see :mod:`.faults`)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
     if time_scale < 0 or not math.isfinite(time_scale):
@@ -73,21 +103,46 @@ def create_app(
     model = LanguageModel(profile)
     engine = Engine(model, latency or LatencyModel.for_profile(profile), time_scale)
 
-    app = FastAPI(title=f"nudging-proxy simulator ({profile})", docs_url=None, redoc_url=None)
+    injector = Faults(faults)
+
+    app = SimulatorApp(title=f"nudging-proxy simulator ({profile})", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.model_name = name
+    app.state.faults = injector
+    app.add_middleware(ModelsFaults, faults=injector, stats=engine.stats)
     add_error_handlers(app, SIMULATOR)
     add_common_routes(app, name, int(time.time()), max_model_len, SIMULATOR, engine.stats,
                       engine.stats.reset)
 
-    @app.post("/tokenize")
-    async def tokenize_prompt(request: Request) -> dict[str, Any]:
+    @app.get("/faults")
+    async def read_faults() -> dict[str, Any]:
+        return injector.describe()
+
+    @app.post("/faults")
+    async def set_faults(request: Request) -> dict[str, Any]:
+        body = await read_json(request)
+        spec = body.get("faults") if isinstance(body, dict) else None
+        if spec is not None and not isinstance(spec, str):
+            raise ApiError("faults must be a string (a fault spec) or null", param="faults")
+        try:
+            injector.set(spec or "")
+        except FaultSpecError as error:
+            raise ApiError(str(error), param="faults") from None
+        return injector.describe()
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize_prompt(request: Request) -> Response | dict[str, Any]:
         # vLLM's /tokenize (at the server root); token ids do not exist here, so the
         # token strings stand in for them.
         body = await read_json(request)
         prompt = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(prompt, str):
             raise ApiError("prompt must be a string")
+        fault = injector.pick("tokenize", prompt)
+        if fault is not None:
+            answer = await whole_answer_fault(fault, request, engine.stats)
+            if answer is not None:
+                return answer
         tokens = tokenize(prompt)
         return {"count": len(tokens), "max_model_len": max_model_len, "token_strs": tokens}
 
@@ -103,27 +158,57 @@ def create_app(
         prompt = completion.prompt_text()
         prompt_tokens = tokenize(prompt)
         count = len(prompt_tokens)
+        fault = injector.pick("stream" if completion.stream else "non-stream", prompt)
+        if fault is not None:
+            if fault.name == "context_overflow":
+                raise context_length_error(max_model_len, count, completion.max_tokens or max_model_len,
+                                           SIMULATOR)
+            answer = await whole_answer_fault(fault, request, engine.stats,
+                                              stream=bool(completion.stream))
+            if answer is not None:
+                return answer
         sampling = completion.sampling(count, max_model_len, SIMULATOR)
-        reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None,
-                       completion.logprobs)
+        logprobs = None if fault is not None and fault.name == "no_logprobs" else completion.logprobs
+        reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None, logprobs)
         outcome = Outcome()
         scores_prompt = bool(completion.echo) and completion.logprobs is not None
-        steps = engine.generate(prompt, prompt_tokens, sampling, outcome,
-                                prompt_logprobs=scores_prompt)
+        steps: AsyncGenerator[Step, None] = engine.generate(prompt, prompt_tokens, sampling, outcome,
+                                                        prompt_logprobs=scores_prompt)
+        if fault is not None and fault.name == "slow":
+            steps = slowed(steps, fault.amount)
         if completion.stream:
-            return EventStream(_stream(reply, steps, outcome, count, completion.include_usage()))
-        collected: list[Step] = []
-        try:
-            async for step in steps:
-                collected.append(step)
-                if (engine.time_scale > 0 and len(collected) % _DISCONNECT_CHECK_EVERY == 0
-                        and await request.is_disconnected()):
-                    break  # nobody waits for the answer: stop like vLLM aborts the request
-        finally:
-            await steps.aclose()
+            events = _stream(reply, steps, outcome, count, completion.include_usage())
+            if fault is not None and fault.name in ("malformed", "stream_cut", "stall"):
+                events = disrupt(fault, events, request.scope)
+            return EventStream(events)
+        collected = await _unless_client_leaves(request, _collect(steps))
+        if collected is None:
+            return Response(status_code=499)  # nobody is listening any more
         return JSONResponse(reply.full(collected, outcome, count))
 
     return app
+
+
+async def _collect(steps: AsyncGenerator[Step, None]) -> list[Step]:
+    try:
+        return [step async for step in steps]
+    finally:
+        await steps.aclose()
+
+
+async def _unless_client_leaves(request: Request, collecting: Coroutine[Any, Any, list[Step]],
+                                ) -> list[Step] | None:
+    """The steps, or None if the client left first: then the generation stops at once, as
+    vLLM aborts a request whose client disconnected."""
+    generation = asyncio.ensure_future(collecting)
+    leaving = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({generation, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        generation.cancel()
+        await asyncio.gather(generation, leaving, return_exceptions=True)
+    return None if generation.cancelled() else generation.result()
 
 
 class _Reply(Reply):
@@ -184,7 +269,7 @@ class _Reply(Reply):
 
 
 async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: Outcome,
-                  prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                  prompt_tokens: int, include_usage: bool) -> AsyncGenerator[str, None]:
     """SSE chunks: the prompt first when echoing, then one chunk per token, usage, [DONE].
 
     If the client goes away, the server cancels this generator; closing `steps` then counts
@@ -207,10 +292,12 @@ async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: Out
 # Command line
 
 
-def _reject_faults(value: str) -> str:
-    raise argparse.ArgumentTypeError(
-        "fault injection is not implemented yet; run the simulator without --faults"
-    )
+def _fault_spec(value: str) -> str:
+    try:
+        Faults(value)
+    except FaultSpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def _time_scale(value: str) -> float:
@@ -242,8 +329,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override latency settings, e.g. "
                              "request_ms=10,decode_ms=30,prefill_ms=0.3 "
                              "(also block_tokens, cache_tokens)")
-    parser.add_argument("--faults", type=_reject_faults, default=None,
-                        help="fault injection (not implemented yet)")
+    parser.add_argument("--faults", type=_fault_spec, default="", metavar="SPEC",
+                        help="inject faults, e.g. 'stream_cut@0.2,http_503' or 'kind=stream:stall' "
+                             "(grammar in upstreams/simulator/faults.py and the README; "
+                             "POST /faults changes it at run time)")
     parser.add_argument("--max-model-len", type=positive_int, default=4096,
                         help="context length in tokens")
     parser.add_argument("--model-name", default=None,
@@ -264,7 +353,7 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise SystemExit(f"simulate: --latency: {error}") from None
     app = create_app(args.profile, args.time_scale, latency, args.max_model_len, args.model_name,
-                     args.max_logprobs)
+                     args.max_logprobs, args.faults)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

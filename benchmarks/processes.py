@@ -1,0 +1,81 @@
+"""Simulators and a proxy as separate processes, as deployed, for the benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "server.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with code {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def _process(command: list[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_healthy(url, process)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def simulator(profile: str, time_scale: float) -> Iterator[str]:
+    """A simulated upstream (`base`, `aligned`) in its own process; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [*CLI, "simulate", "--host", "127.0.0.1", "--port", str(port), "--profile", profile,
+               "--time-scale", str(time_scale)]
+    with _process(command, url):
+        yield url
+
+
+@contextmanager
+def proxy(models: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
+    """`nudging-proxy serve` with these models; yields its URL and process id."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "proxy.yaml"
+        config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port}, "models": models}))
+        with _process([*CLI, "serve", "--config", str(config)], url) as process:
+            yield url, process.pid
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

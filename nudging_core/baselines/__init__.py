@@ -1,0 +1,23 @@
+"""The paper's baselines behind the same API as nudging: proxy tuning and the ensemble.
+
+Both compare token strings across models, so their models must share one tokenizer.
+"""
+
+from .choice import ensemble_choice, proxy_tuning_choice
+from .generate import ROLES, TOP_K, BaselineContext, TokenizerMismatch, generate_baseline
+from .rounds import BaselineMethod, Chosen, RoundDecision, ensemble_round, proxy_tuning_round
+
+__all__ = [
+    "ROLES",
+    "TOP_K",
+    "BaselineContext",
+    "BaselineMethod",
+    "Chosen",
+    "RoundDecision",
+    "TokenizerMismatch",
+    "ensemble_choice",
+    "ensemble_round",
+    "generate_baseline",
+    "proxy_tuning_choice",
+    "proxy_tuning_round",
+]
