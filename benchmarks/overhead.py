@@ -23,35 +23,45 @@ PROMPT = "The history of the printing press begins"
 CONCURRENCY = (1, 32)
 
 
-async def _one(client: httpx.AsyncClient, model: str, max_tokens: int, stream: bool) -> float:
+async def _one(client: httpx.AsyncClient, model: str, max_tokens: int, stream: bool) -> float | None:
+    """The request's latency, or None if it failed."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "stream": stream}
     started = time.perf_counter()
-    if stream:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for _ in response.aiter_lines():
-                pass
-    else:
-        (await client.post("/v1/completions", json=body)).raise_for_status()
+    try:
+        if stream:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for _ in response.aiter_lines():
+                    pass
+        else:
+            (await client.post("/v1/completions", json=body)).raise_for_status()
+    except httpx.HTTPError:
+        return None
     return time.perf_counter() - started
 
 
 async def _load(url: str, model: str, requests: int, concurrency: int, max_tokens: int,
-                stream: bool) -> tuple[list[float], float]:
-    """Latencies of `requests` requests, `concurrency` at a time, and the wall time of all."""
+                stream: bool) -> tuple[list[float], int, float]:
+    """Latencies of `requests` requests, `concurrency` at a time, failures, and the wall time."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         await asyncio.gather(*(_one(client, model, max_tokens, stream) for _ in range(concurrency * 2)))
         latencies: list[float] = []
+        failures = 0
 
         async def worker(count: int) -> None:
+            nonlocal failures
             for _ in range(count):
-                latencies.append(await _one(client, model, max_tokens, stream))
+                latency = await _one(client, model, max_tokens, stream)
+                if latency is None:
+                    failures += 1
+                else:
+                    latencies.append(latency)
 
         started = time.perf_counter()
         share, rest = divmod(requests, concurrency)
         await asyncio.gather(*(worker(share + (i < rest)) for i in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        return latencies, failures, time.perf_counter() - started
 
 
 def _ms(seconds: float) -> str:
@@ -60,17 +70,18 @@ def _ms(seconds: float) -> str:
 
 async def _measure(direct: str, proxied: str, args: argparse.Namespace) -> None:
     print("mode        conc   direct p50/p99 ms    proxy p50/p99 ms    added p50/p99 ms"
-          "    direct req/s  proxy req/s")
+          "    direct req/s  proxy req/s  failed (direct/proxy)")
     for stream in (False, True):
         for concurrency in CONCURRENCY:
             requests = args.requests * (4 if concurrency > 1 else 1)
-            d, d_wall = await _load(direct, "base", requests, concurrency, args.max_tokens, stream)
-            p, p_wall = await _load(proxied, "passthrough", requests, concurrency, args.max_tokens, stream)
+            d, d_failed, d_wall = await _load(direct, "base", requests, concurrency, args.max_tokens, stream)
+            p, p_failed, p_wall = await _load(proxied, "passthrough", requests, concurrency, args.max_tokens,
+                                              stream)
             d50, d99 = percentile(d, 0.5), percentile(d, 0.99)
             p50, p99 = percentile(p, 0.5), percentile(p, 0.99)
             print(f"{'stream' if stream else 'json':<10} {concurrency:>5}   {_ms(d50)} {_ms(d99)}    "
                   f"{_ms(p50)} {_ms(p99)}    {_ms(p50 - d50)} {_ms(p99 - d99)}    "
-                  f"{len(d) / d_wall:11.0f}  {len(p) / p_wall:11.0f}", flush=True)
+                  f"{len(d) / d_wall:11.0f}  {len(p) / p_wall:11.0f}  {d_failed}/{p_failed}", flush=True)
 
 
 def main() -> None:

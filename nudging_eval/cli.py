@@ -20,7 +20,7 @@ from .backends import Backend, EndpointBackend, InProcessBackend
 from .datasets import DATASETS, Sample, load_samples
 from .judge import Judge
 from .report import markdown_table, named, plot_sweep, summarize, write_summary
-from .runner import RunSettings, SettingsMismatch, run_samples
+from .runner import RunSettings, SettingsMismatch, rescore, run_samples
 from .synthetic import SYNTHETIC, generate
 
 EXPERIMENTS = ("base_only", "nudging_only", "nudging", "proxy_tuning", "ensemble")
@@ -44,8 +44,15 @@ def _positive(value: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=[*DATASETS, *SYNTHETIC])
-    parser.add_argument("--exp", required=True, choices=EXPERIMENTS, help="the paper's experiment")
+    names = [*DATASETS, *SYNTHETIC]
+    parser.add_argument("--dataset", required=True, choices=names, metavar="NAME", help=", ".join(names))
+    parser.add_argument(
+        "--exp",
+        required=True,
+        choices=EXPERIMENTS,
+        metavar="METHOD",
+        help="the paper's experiment: " + ", ".join(EXPERIMENTS),
+    )
     parser.add_argument("--config", help="proxy config; in-process runs use its upstreams")
     parser.add_argument("--model", help="model name (default: the config's first model of the --exp method)")
     parser.add_argument(
@@ -63,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=_positive, help="answer budget (default: the model's)")
     parser.add_argument("--out", default="eval-runs", help="directory for results and summaries")
     parser.add_argument("--rerun", action="store_true", help="start afresh instead of resuming")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score an existing run again by the current rules; no generation",
+    )
     parser.add_argument("--judge-endpoint", help="OpenAI-compatible base URL of an LLM judge")
     parser.add_argument("--judge-model", help="the judge's model name")
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var with the judge's key")
@@ -89,15 +101,22 @@ def _model_for(config: Config, exp: str, name: str | None) -> str:
     raise ValueError(f"no model in the config has method {exp!r}; add one or pass --model")
 
 
-def _backend(args: argparse.Namespace) -> Backend:
+def _target(args: argparse.Namespace) -> tuple[Config | None, str]:
+    """The config to run in-process (None for an endpoint) and the model name."""
     if args.endpoint:
         if not args.model:
             raise ValueError("--endpoint needs --model")
-        return EndpointBackend(args.endpoint, args.model, args.api_key_env)
+        return None, args.model
     if not args.config:
         raise ValueError("give --config (in-process) or --endpoint")
     config = load_config(args.config)
-    return InProcessBackend(config, _model_for(config, args.exp, args.model))
+    return config, _model_for(config, args.exp, args.model)
+
+
+def _backend(args: argparse.Namespace, config: Config | None, model: str) -> Backend:
+    if config is None:
+        return EndpointBackend(args.endpoint, model, args.api_key_env)
+    return InProcessBackend(config, model)
 
 
 def _safe(name: str) -> str:
@@ -117,31 +136,38 @@ async def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.judge_endpoint and not args.judge_model:
         raise ValueError("--judge-endpoint needs --judge-model")
     samples = _samples(args)
-    backend = _backend(args)
+    config, model = _target(args)
+    backend = None if args.rescore else _backend(args, config, model)
     judge = (
-        Judge(args.judge_endpoint, args.judge_model, args.judge_api_key_env) if args.judge_endpoint else None
+        Judge(args.judge_endpoint, args.judge_model, args.judge_api_key_env)
+        if args.judge_endpoint and backend is not None
+        else None
     )
     out = Path(args.out)
     summaries = []
     try:
         for threshold in thresholds:
-            settings = RunSettings(args.dataset, args.exp, backend.model, threshold, args.max_tokens)
+            settings = RunSettings(args.dataset, args.exp, model, threshold, args.max_tokens)
             stem = out / run_name(settings)
-            records = await run_samples(
-                samples,
-                backend,
-                settings,
-                named(stem, ".jsonl"),
-                concurrency=args.concurrency,
-                rerun=args.rerun,
-                judge=judge,
-                progress=not args.no_progress,
-            )
+            if backend is None:
+                records = rescore(samples, settings, named(stem, ".jsonl"))
+            else:
+                records = await run_samples(
+                    samples,
+                    backend,
+                    settings,
+                    named(stem, ".jsonl"),
+                    concurrency=args.concurrency,
+                    rerun=args.rerun,
+                    judge=judge,
+                    progress=not args.no_progress,
+                )
             summary = summarize(records)
             write_summary([summary], named(stem, ".summary"))
             summaries.append(summary)
     finally:
-        await backend.aclose()
+        if backend is not None:
+            await backend.aclose()
         if judge is not None:
             await judge.aclose()
     if len(summaries) > 1:

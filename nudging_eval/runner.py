@@ -48,6 +48,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
+def checked_records(path: Path, settings: RunSettings) -> list[dict[str, Any]]:
+    """The records of `path`, refusing a file made with other settings."""
+    records = read_records(path)
+    for record in records:
+        if record.get("settings") != asdict(settings):
+            raise SettingsMismatch(
+                f"{path} holds results of other settings ({record.get('settings')}); "
+                "pass --rerun or another --out"
+            )
+    return records
+
+
 def make_record(
     sample: Sample, settings: RunSettings, outcome: Outcome, latency: float, verdict: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -109,15 +121,7 @@ async def run_samples(
     path.parent.mkdir(parents=True, exist_ok=True)
     if rerun and path.exists():
         path.unlink()
-    kept = {}
-    for record in read_records(path):
-        if record.get("settings") != asdict(settings):
-            raise SettingsMismatch(
-                f"{path} holds results of other settings ({record.get('settings')}); "
-                "pass --rerun or another --out"
-            )
-        if "error" not in record:
-            kept[record["id"]] = record
+    kept = {record["id"]: record for record in checked_records(path, settings) if "error" not in record}
     todo = [sample for sample in samples if sample.id not in kept]
     from tqdm import tqdm  # type: ignore[import-untyped]  # the eval extra, not needed to build the CLI
 
@@ -157,3 +161,30 @@ async def run_samples(
         bar.close()
     done = {**kept, **fresh}
     return [done[sample.id] for sample in samples if sample.id in done]
+
+
+def rescore(samples: Sequence[Sample], settings: RunSettings, path: Path) -> list[dict[str, Any]]:
+    """A results file scored again by the current rules, without generating anything: the
+    outputs stay, `extracted`, `rule_correct`, `ran_on` and `correct` are recomputed (a judge's
+    verdict still decides `correct`). Records of the samples, in their order."""
+    records = checked_records(path, settings)
+    if not records:
+        raise ValueError(f"{path} holds no results to rescore")
+    wanted = {sample.id: sample for sample in samples}
+    for record in records:
+        sample = wanted.get(record["id"])
+        if sample is None or "error" in record:
+            continue
+        scored = score(sample.answer_type, record["output"], sample.gold, sample.choices)
+        judged = (record.get("judge") or {}).get("correct")
+        record.update(
+            extracted=scored.extracted,
+            rule_correct=scored.correct,
+            correct=scored.correct if judged is None else judged,
+            ran_on=ran_on(record["output"]),
+        )
+    rewritten = path.with_name(path.name + ".tmp")
+    rewritten.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    rewritten.replace(path)  # whole or not at all
+    by_id = {record["id"]: record for record in records}
+    return [by_id[sample.id] for sample in samples if sample.id in by_id]

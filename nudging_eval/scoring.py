@@ -20,10 +20,19 @@ RUN_ON = re.compile(
     r"|<\|im_start\|>|<\|user\|>|<start_of_turn>|\[INST\]|<\|start_header_id\|>|<\|endoftext\|>"
 )
 NUMBER = re.compile(r"(?<![\w.])-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# "3. Dan has 12 stickers": the number of a list item, not a quantity.
+LIST_MARKER = re.compile(r"(?m)^[ \t]*\d{1,2}[.)](?=[ \t]+\S)")
 DATE = re.compile(r"(?<!\d)(\d{1,2})/(\d{1,2})/(\d{4})(?!\d)")
-YES_NO = {"yes": "yes", "plausible": "yes", "no": "no", "implausible": "no", "not plausible": "no"}
-TRUE_FALSE = {"true": "true", "yes": "true", "false": "false", "no": "false"}
-COIN = {"yes": "yes", "heads": "yes", "no": "no", "tails": "no", "not heads": "no", "not still heads": "no"}
+# Answer words, strongest first: a later group is read only when no word of an earlier one is
+# there (an explicit "no" beats "heads" in "No, it is not still heads up").
+YES_NO = ({"yes": "yes", "no": "no"}, {"plausible": "yes", "implausible": "no", "not plausible": "no"})
+TRUE_FALSE = ({"true": "true", "false": "false", "yes": "true", "no": "false"},)
+COIN = (
+    {"yes": "yes", "no": "no"},
+    {"heads": "yes", "tails": "no", "not heads": "no", "not still heads": "no"},
+)
+# A question the model restates ("Is the coin still heads up?") holds no answer.
+QUESTION_SENTENCE = re.compile(r"[^.!?\n]*\?")
 DEFAULT_LABELS = ("A", "B", "C", "D", "E")
 
 
@@ -53,17 +62,23 @@ def canonical_number(text: str) -> str | None:
 
 def last_number(text: str) -> str | None:
     """The last number, read with thousands commas, decimals, a sign and units around it:
-    "$1,234.50" -> "1234.5", "-3 degrees" -> "-3", "18.00." -> "18"."""
-    numbers = NUMBER.findall(text)
+    "$1,234.50" -> "1234.5", "-3 degrees" -> "-3", "18.00." -> "18"; list item numbers
+    ("4. Dan has ...") do not count."""
+    numbers = NUMBER.findall(LIST_MARKER.sub(" ", text))
     return canonical_number(numbers[-1]) if numbers else None
 
 
-def _last_word(text: str, mapping: dict[str, str]) -> str | None:
-    # Longest phrases first, so "not plausible" wins over "plausible".
-    words = sorted(mapping, key=len, reverse=True)
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
-    found = pattern.findall(text)
-    return mapping[found[-1].lower()] if found else None
+def _last_word(text: str, groups: tuple[dict[str, str], ...]) -> str | None:
+    """The last answer word of the strongest group present, outside restated questions."""
+    statements = QUESTION_SENTENCE.sub(" ", text)
+    for mapping in groups:
+        # Longest phrases first, so "not plausible" wins over "plausible".
+        words = sorted(mapping, key=len, reverse=True)
+        pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+        found = pattern.findall(statements)
+        if found:
+            return mapping[found[-1].lower()]
+    return None
 
 
 def choice_letter(text: str, labels: tuple[str, ...] = DEFAULT_LABELS) -> str | None:

@@ -12,7 +12,7 @@ import uvicorn
 from sse_starlette.sse import AppStatus
 
 from nudging_eval import cli as evaluation
-from upstreams.local import app as local_upstream
+from upstreams.local import cli as local_upstream
 from upstreams.simulator import app as simulator
 
 from .app import create_app

@@ -27,6 +27,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import all_versions
 
+from nudging_core.baselines import TOP_K
 from server.app import create_app
 from server.cli import build_parser
 from server.config import Config, UpstreamConfig, load_config, parse_config
@@ -52,11 +53,6 @@ def _pyproject() -> dict[str, Any]:
 def _upstreams(config: Config) -> Iterator[UpstreamConfig]:
     for model in config.models:
         yield from (value for value in vars(model).values() if isinstance(value, UpstreamConfig))
-
-
-def _endpoints(upstream: UpstreamConfig) -> list[str]:
-    fields = upstream.model_dump()
-    return fields.get("urls") or [fields["url"]]
 
 
 def _env_names_read(config: Config) -> set[str]:
@@ -137,7 +133,7 @@ def test_proxy_config_points_at_the_services_of_its_profile(compose: Compose, pr
 
     upstream_services = set()
     for upstream in _upstreams(config):
-        for endpoint in _endpoints(upstream):
+        for endpoint in upstream.endpoints:
             address = urlsplit(endpoint)
             service = services.get(str(address.hostname))
             assert service is not None, f"{endpoint}: no such service in profile {profile}"
@@ -148,6 +144,13 @@ def test_proxy_config_points_at_the_services_of_its_profile(compose: Compose, pr
             assert upstream.model in (_option(command, "--served-model-name"), _option(command, "--name"))
             upstream_services.add(address.hostname)
     assert proxy["depends_on"] == {name: {"condition": "service_healthy"} for name in upstream_services}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_docker_lets_the_proxy_finish_its_streams(compose: Compose, profile: str) -> None:
+    proxy_name, config_file = PROFILES[profile]
+    grace = load_config(ROOT / config_file).server.shutdown_grace_seconds
+    assert int(compose["services"][proxy_name]["stop_grace_period"].rstrip("s")) > grace
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -167,7 +170,8 @@ def test_vllm_services_are_pinned_and_started_for_nudging(compose: Compose) -> N
     for name, service in vllm.items():
         assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", service["image"]), name
         command = service["command"]
-        assert int(_option(command, "--max-logprobs") or 0) >= 100, name  # proxy tuning's top-100
+        # The baselines ask for their top-k logprobs (proxy tuning: the paper's top 100).
+        assert int(_option(command, "--max-logprobs") or 0) >= max(TOP_K.values()), name
         assert "--enable-prefix-caching" in command and "--max-model-len" in command, name
         assert "hf-cache:/root/.cache/huggingface" in service["volumes"], name
         [device] = service["deploy"]["resources"]["reservations"]["devices"]
@@ -343,6 +347,21 @@ def test_probes_ask_routes_of_the_app_on_its_port(manifests: Manifests) -> None:
     answers = _answers(config, [probe["path"] for probe in probes.values()])
     assert answers["/health"] == 200
     assert answers["/ready"] == 503  # the route exists; the configured upstreams are not running here
+
+
+def test_pods_get_time_to_finish_their_streams(manifests: Manifests) -> None:
+    spec = _pod(manifests)["spec"]
+    pause = int(_container(manifests)["lifecycle"]["preStop"]["exec"]["command"][-1])
+    grace = _configmap_config(manifests).server.shutdown_grace_seconds
+    assert spec["terminationGracePeriodSeconds"] > pause + grace
+
+
+def test_metrics_annotations_name_a_route_that_answers(manifests: Manifests) -> None:
+    annotations = _pod(manifests)["metadata"]["annotations"]
+    config = _configmap_config(manifests)
+    assert annotations["prometheus.io/port"] == str(config.server.port)
+    path = annotations["prometheus.io/path"]
+    assert _answers(config, [path]) == {path: 200}
 
 
 def test_deployment_serves_the_configmap_config_with_its_secrets(manifests: Manifests) -> None:

@@ -474,3 +474,37 @@ def test_bad_invocations_exit_with_a_message(stack: Stack, tmp_path: Path) -> No
                 str(tmp_path),
             ]
         )
+
+
+def test_rescore_scores_stored_outputs_again_without_generating(stack: Stack, tmp_path: Path) -> None:
+    argv = [
+        "--dataset",
+        "synthetic_arithmetic",
+        "--exp",
+        "base_only",
+        "--config",
+        str(stack.config),
+        "--num-samples",
+        "3",
+        "--max-tokens",
+        "20",
+        "--out",
+        str(tmp_path),
+    ]
+    asyncio.run(evaluate(eval_args(*argv)))
+    [path] = tmp_path.glob("*.jsonl")
+    records = read_records(path)
+    first = records[0]
+    # As if the output had been scored by older rules: a right answer marked wrong.
+    records[0] = {
+        **first,
+        "output": f"So the answer is {first['gold']}.",
+        "extracted": None,
+        "correct": False,
+    }
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    [summary] = asyncio.run(evaluate(eval_args(*argv, "--rescore")))
+    rescored = {r["id"]: r for r in read_records(path)}
+    assert rescored[first["id"]]["output"] == f"So the answer is {first['gold']}."  # nothing generated
+    assert rescored[first["id"]]["extracted"] == first["gold"] and rescored[first["id"]]["correct"] is True
+    check_summary_against_records(summary, list(rescored.values()))

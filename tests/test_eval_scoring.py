@@ -33,6 +33,9 @@ from nudging_eval.scoring import (
         ("1, 2, 3", "3"),
         ("version2 has 7 parts", "7"),  # digits glued to a word are not a number
         ("no digits at all", None),
+        ("1. Dan has 4 stickers.\n2. He gets 8 more: 4 + 8 = 12.\n3. So he has", "12"),  # list items
+        ("Steps:\n 1) add\n 2) done: 12\n10. Next", "12"),
+        ("The answer is\n12.", "12"),  # a number alone on its line is an answer, not an item
     ],
 )
 def test_last_number(text: str, number: str | None) -> None:
@@ -73,6 +76,10 @@ def test_choice_letter_with_numeric_labels() -> None:
         ("coin_flip", "It was flipped once, so the coin is tails up.", "no"),
         ("coin_flip", "After one flip the coin is not heads up.", "no"),
         ("coin_flip", "The coin started heads up. One flip. No.", "no"),
+        ("coin_flip", "No, after one flip it is not still heads up.", "no"),
+        ("coin_flip", "Is the coin still heads up? No, it is tails up.", "no"),
+        ("coin_flip", "Step 1: Pia does not flip the coin.\nStep 2: Is the coin still heads up?", None),
+        ("yes_no", "Is it plausible that he scored? It is implausible.", "no"),
         ("date", "Tomorrow is 12/25/1937.", "12/25/1937"),
         ("date", "From 1/2/2020 we go to 2/3/2020", "02/03/2020"),
     ],

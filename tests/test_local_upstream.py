@@ -46,7 +46,8 @@ except (ImportError, OSError, RuntimeError) as broken:  # e.g. its shared librar
 import llama_cpp
 
 from upstreams.local import weights
-from upstreams.local.app import add_arguments, create_app
+from upstreams.local.app import create_app
+from upstreams.local.cli import add_arguments
 from upstreams.local.generation import Outcome, Prefill, Sampling, generate
 from upstreams.local.text import StopStrings, Utf8Pieces
 

@@ -8,13 +8,14 @@ so leaving a stream is how the proxy cancels upstream work it no longer needs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,6 +24,8 @@ from nudging_core.types import Completion, Token
 from .call import CompletionCall
 from .dialects import DIALECTS, Dialect, Parser, Request, detect
 from .errors import ContextOverflow, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+
+T = TypeVar("T")
 
 CONTEXT_OVERFLOW_MARKERS = ("maximum context length", "context length", "exceeds the available context")
 
@@ -36,8 +39,15 @@ class RequestScope:
     """What the server tells upstream calls about the client request they serve. A ContextVar
     carries it, so no signature between the server and `_send` has to."""
 
-    request_id: str | None = None  # forwarded as X-Request-Id
+    request_id: str | None = None
     observer: UpstreamObserver | None = None
+    _numbers: Iterator[int] = field(default_factory=itertools.count)
+
+    def upstream_request_id(self) -> str | None:
+        """The X-Request-Id of one upstream request: the client request's id and a number.
+        vLLM makes the header its engine's request id, which must be unique among running
+        requests, and one client request sends many (concurrent probes, say)."""
+        return None if self.request_id is None else f"{self.request_id}-{next(self._numbers)}"
 
 
 NO_REQUEST_SCOPE = RequestScope()
@@ -105,8 +115,8 @@ class UpstreamClient:
         self._first_byte = timeouts.first_byte
         self._dialect: Dialect | None = None if dialect == "auto" else DIALECTS[dialect]()
         self._detecting = asyncio.Lock()
-        # Responses of cancelled sends, being closed in the background.
-        self._closing: set[asyncio.Future[None]] = set()
+        # Reads and closes finishing in the background (see `_in_background`).
+        self._background: set[asyncio.Future[Any]] = set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -130,7 +140,8 @@ class UpstreamClient:
         without waiting for the headers (which a non-streamed answer sends only at its end).
         """
         scope = request_scope.get()
-        headers = {"X-Request-Id": scope.request_id} if scope.request_id else None
+        upstream_request_id = scope.upstream_request_id()
+        headers = {"X-Request-Id": upstream_request_id} if upstream_request_id else None
         written = asyncio.Event()
 
         async def trace(event: str, info: dict[str, Any]) -> None:
@@ -146,10 +157,9 @@ class UpstreamClient:
                 try:
                     response = await asyncio.shield(sending)
                 except asyncio.CancelledError:
+                    sending.add_done_callback(self._discard)  # closes a response that came anyway
                     if written.is_set():
                         sending.cancel()
-                    else:
-                        sending.add_done_callback(self._discard)
                     raise
             outcome = str(response.status_code)
             return response
@@ -169,20 +179,42 @@ class UpstreamClient:
     def _discard(self, sending: asyncio.Future[httpx.Response]) -> None:
         if sending.cancelled() or sending.exception() is not None:
             return
-        closing = asyncio.ensure_future(sending.result().aclose())
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        self._in_background(sending.result().aclose())
 
-    async def _json(self, request: Request, method: str = "POST") -> Any:
-        response = await self._send(request, method)
+    def _in_background(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """Run `work` in a task of its own, which nobody cancels.
+
+        httpcore gives a response's connection back to its pool only if the task closing it
+        is not being cancelled (its shielded close re-raises the pending cancellation and skips
+        the bookkeeping); so reads and closes run here, and a cancelled caller leaves them to
+        finish in the background.
+        """
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failure nobody waits for any more is not worth a warning
+
+    async def _close_response(self, response: httpx.Response) -> None:
+        await asyncio.shield(self._in_background(response.aclose()))
+
+    async def _read(self, response: httpx.Response) -> bytes:
         try:
-            body = await response.aread()
+            return await response.aread()
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(self.role, "timed out") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnreachable(self.role, f"answer interrupted ({type(exc).__name__})") from exc
         finally:
             await response.aclose()
+
+    async def _json(self, request: Request, method: str = "POST") -> Any:
+        response = await self._send(request, method)
+        body = await asyncio.shield(self._in_background(self._read(response)))
         text = body.decode("utf-8", "replace")
         _raise_for_status(self.role, response.status_code, text)
         try:
@@ -253,8 +285,13 @@ class CompletionStream:
             self._release()
             raise
         if self._response.status_code >= 400:
-            body = (await self._response.aread()).decode("utf-8", "replace")
-            await self._close()
+            try:
+                body = (await asyncio.shield(client._in_background(client._read(self._response)))).decode(
+                    "utf-8", "replace")
+            except UpstreamError:
+                body = ""  # the status says enough
+            finally:
+                await self._close()  # also when cancelled: the slot and the connection go back
             _raise_for_status(client.role, self._response.status_code, body)
         return self
 
@@ -271,7 +308,7 @@ class CompletionStream:
     async def _close(self) -> None:
         try:
             if self._response is not None:
-                await self._response.aclose()
+                await self._client._close_response(self._response)
         finally:
             self._release()
 

@@ -2,7 +2,8 @@
 
 ``engine`` wraps the model (evaluation with KV-cache prefix reuse, numpy sampling and
 logprobs), ``worker`` runs generations one at a time on a dedicated thread, ``app`` is the
-FastAPI server and the CLI hooks, ``weights`` finds the GGUF files of the ``demo`` extra.
+FastAPI server, ``cli`` the command line (importable without numpy), ``weights`` finds
+the GGUF files of the ``demo`` extra.
 llama-cpp-python is needed only for the engine, so this package imports it lazily.
 """
 
@@ -12,9 +13,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "add_arguments": "app",
+    "add_arguments": "cli",
     "create_app": "app",
-    "run": "app",
+    "run": "cli",
     "serve": "app",
     "LlamaCppModel": "engine",
     "Sampling": "generation",

@@ -1,5 +1,5 @@
 """``python -m upstreams.local --gguf smollm --port 8002``"""
 
-from .app import main
+from .cli import main
 
 main()

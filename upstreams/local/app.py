@@ -14,13 +14,12 @@ pieces of the returned text each token produced (a token ending inside a multi-b
 gives "" and the next one the whole character), so they join to the text and ``text_offset``
 indexes into it. ``echo`` is served without logprobs; echo with logprobs is a 400.
 
-CLI: ``nudging-proxy local-upstream`` uses :func:`add_arguments` and :func:`run`; the module
-also runs on its own (``python -m upstreams.local``).
+The command line (``nudging-proxy local-upstream``, ``python -m upstreams.local``) is in ``cli``;
+it calls :func:`serve`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
@@ -35,7 +34,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from ..cli import add_listen_arguments, add_serving_arguments, positive_int
 from ..openai_api import (
     DEFAULT_MAX_LOGPROBS,
     SSE_DONE,
@@ -49,9 +47,10 @@ from ..openai_api import (
 )
 from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
 from .chat import ChatTemplate
-from .generation import DEFAULT_CTX, EngineError, Outcome, Step
+from .defaults import DEFAULT_CTX
+from .generation import Outcome, Step
 from .protocol import LOCAL, DetokenizeRequest, LocalRequest, TokenizeRequest
-from .weights import BUNDLED, MissingModelError
+from .weights import MissingModelError
 from .worker import Job, Worker
 
 if TYPE_CHECKING:  # llama-cpp-python is imported only to serve, so the CLI hooks load without it
@@ -238,35 +237,6 @@ async def _stream(reply: _Reply, job: Job, include_usage: bool) -> AsyncIterator
     yield SSE_DONE
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``nudging-proxy local-upstream``."""
-    parser.add_argument("--gguf", required=True, metavar="PATH",
-                        help="GGUF model file to serve; 'gemma' or 'smollm' name the models "
-                             "of the demo extra (Gemma 3 270M base, SmolLM2-135M-Instruct)")
-    add_listen_arguments(parser)
-    parser.add_argument("--name", default=None,
-                        help="model name to serve (default: the file name without .gguf)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="llama.cpp threads for generation and prompt evaluation (default: "
-                             "half the cores, as a base and a nudger share the machine; threads "
-                             "beyond the free cores slow llama.cpp down sharply)")
-    parser.add_argument("--ctx", type=positive_int, default=DEFAULT_CTX,
-                        help="context length in tokens (capped at the model's training length)")
-    add_serving_arguments(parser)
-
-
-def resolve_gguf(value: str) -> Path:
-    """A GGUF path, or a bundled model's file for the names 'gemma' and 'smollm'."""
-    path = Path(value).expanduser()
-    if not path.exists() and value in BUNDLED:
-        return BUNDLED[value]()
-    return path
-
-
 def serve(host: str, port: int, gguf: str | Path, *, model_name: str | None = None,
           n_threads: int | None = None, n_ctx: int = DEFAULT_CTX,
           max_logprobs: int = DEFAULT_MAX_LOGPROBS, log_level: str = "warning") -> None:
@@ -278,21 +248,3 @@ def serve(host: str, port: int, gguf: str | Path, *, model_name: str | None = No
     with LlamaCppModel(gguf, n_ctx=n_ctx, n_threads=n_threads) as model:
         app = create_app(model, model_name or default_model_name(gguf), max_logprobs)
         uvicorn.run(app, host=host, port=port, log_level=log_level)
-
-
-def run(args: argparse.Namespace) -> None:
-    try:
-        path = resolve_gguf(args.gguf)
-        serve(args.host, args.port, path, model_name=args.name, n_threads=args.threads,
-              n_ctx=args.ctx, max_logprobs=args.max_logprobs, log_level=args.log_level)
-    except (MissingModelError, EngineError) as error:
-        raise SystemExit(f"local-upstream: {error}") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m upstreams.local",
-        description="Serve a GGUF model (llama.cpp) behind vLLM's completions API.",
-    )
-    add_arguments(parser)
-    run(parser.parse_args(argv))

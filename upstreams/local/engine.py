@@ -38,7 +38,8 @@ if not hasattr(llama_cpp, "llama_memory_seq_rm"):  # the KV-cache API of llama.c
     raise ImportError(f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} is too old for "
                       "the local upstream; install llama-cpp-python>=0.3.36")
 
-from .generation import DEFAULT_CTX, EngineError, Prefill
+from .defaults import DEFAULT_CTX
+from .generation import EngineError, Prefill
 from .sampling import Logits
 from .text import piece_label
 

@@ -16,8 +16,6 @@ from ..openai_api import Sampling
 from .sampling import GREEDY_BELOW, Logits, choose, log_normalizer, top_k
 from .text import StopStrings, Utf8Pieces
 
-DEFAULT_CTX = 4096
-
 
 class EngineError(RuntimeError):
     """The model could not be loaded, or refused to evaluate."""

@@ -134,7 +134,10 @@ def create_app(
     async def tokenize_prompt(request: Request) -> Response | dict[str, Any]:
         # vLLM's /tokenize (at the server root); token ids do not exist here, so the
         # token strings stand in for them.
-        body = await read_json(request)
+        try:
+            body = await read_json(request)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening any more
         prompt = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(prompt, str):
             raise ApiError("prompt must be a string")
