@@ -51,6 +51,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "correct": correct,
         "accuracy": correct / len(scored) if scored else None,
         "accuracy_ci95": [low, high] if scored else None,
+        # How often the rules found an answer at all (a wrong answer and none are both "wrong").
+        "answer_found_rate": _mean([float(r["extracted"] is not None) for r in scored]),
         "judge_score": _mean(judge_scores),
         "nudging_word_ratio": _mean([r["nudging_word_ratio"] for r in answered]),
         "ended_rate": _mean([float(r["ended"]) for r in answered]),
@@ -79,6 +81,7 @@ COLUMNS = (
     ("errors", "errors", False),
     ("accuracy", "accuracy", True),
     ("accuracy_ci95", "95% CI", True),
+    ("answer_found_rate", "answer found", True),
     ("nudging_word_ratio", "nudging words", True),
     ("ended_rate", "ended", True),
     ("clean_rate", "no run-on", True),

@@ -102,6 +102,7 @@ def test_cors_allows_the_configured_origins(monkeypatch: pytest.MonkeyPatch) -> 
         preflight = httpx.options(url + "/v1/chat/completions", headers=preflight_headers)
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
         response = httpx.get(url + "/v1/models", headers={"Origin": "https://app.example", **bearer("k")})
         assert response.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-request-id" in response.headers["access-control-expose-headers"].lower()

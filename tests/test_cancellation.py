@@ -76,9 +76,10 @@ def stack() -> Iterator[Stack]:
         aligned = _simulator(stack, "aligned")
         upstreams = {"base": {"url": base + "/v1", "model": "base"},
                      "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}}
+        # A long lookahead: the first text comes late, so a client can leave before it.
         config = parse_config({"models": [
-            {"name": "fast", "strategy": "fast", **upstreams},
-            {"name": "paper", "strategy": "paper", **upstreams},
+            {"name": "fast", "strategy": "fast", "lookahead_tokens": 48, **upstreams},
+            {"name": "paper", "strategy": "paper", "lookahead_tokens": 48, **upstreams},
         ]})
         proxy = stack.enter_context(running(create_proxy(config)))
         yield Stack(proxy, [base, aligned])

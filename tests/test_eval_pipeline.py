@@ -106,6 +106,7 @@ def check_summary_against_records(summary: dict[str, Any], records: list[dict[st
     assert summary["correct"] == sum(bool(r["correct"]) for r in answered)
     assert summary["accuracy"] == pytest.approx(summary["correct"] / len(answered))
     low, high = summary["accuracy_ci95"]
+    assert summary["answer_found_rate"] == pytest.approx(mean(r["extracted"] is not None for r in answered))
     assert low <= summary["accuracy"] <= high
     assert summary["ended_rate"] == pytest.approx(mean(r["finish_reason"] == "stop" for r in answered))
     assert summary["clean_rate"] == pytest.approx(mean(not ran_on(r["output"]) for r in answered))

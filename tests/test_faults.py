@@ -9,8 +9,11 @@ request must be served normally.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,6 +31,8 @@ from .servers import running
 
 QUESTION = "Why do leaves change color in autumn?"
 TIMEOUTS = {"connect": 2, "read": 1, "first_byte": 1}
+# A small pool, so connections the proxy fails to give back soon leave none for the next request.
+MAX_IN_FLIGHT = 8
 
 
 # --- The grammar ---------------------------------------------------------------------------
@@ -42,7 +47,8 @@ def test_grammar_defaults_and_fields() -> None:
     stall, empty, targeted = parse_faults("kind=stream:stall,http_500=empty*1,prompt~sky:delay=3")
     assert (stall.name, stall.events, stall.kinds) == ("stall", 2, frozenset({"stream"}))
     assert (empty.status, empty.empty_body, empty.count) == (500, True, 1)
-    assert (targeted.name, targeted.amount, targeted.prompt, targeted.kinds) == ("delay", 3.0, "sky", COMPLETIONS)
+    assert (targeted.name, targeted.amount, targeted.prompt) == ("delay", 3.0, "sky")
+    assert targeted.kinds == COMPLETIONS
     models = parse_faults("kind=models|tokenize:refuse")[0]
     assert models.kinds == frozenset({"models", "tokenize"})
     assert parse_faults("slow=0.5@1*3")[0] == Fault("slow", amount=0.5, rate=1.0, count=3)
@@ -110,9 +116,10 @@ def stack() -> Iterator[Stack]:
     with ExitStack() as stack:
         base = stack.enter_context(running(create_simulator("base", time_scale=0.02)))
         aligned = stack.enter_context(running(create_simulator("aligned", time_scale=0.02)))
-        roles = {"base": {"url": base + "/v1", "model": "base", "timeouts": TIMEOUTS},
+        roles = {"base": {"url": base + "/v1", "model": "base", "timeouts": TIMEOUTS,
+                          "max_in_flight": MAX_IN_FLIGHT},
                  "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml",
-                             "timeouts": TIMEOUTS}}
+                             "timeouts": TIMEOUTS, "max_in_flight": MAX_IN_FLIGHT}}
         config = parse_config({"models": [
             {"name": "nudged", **roles},
             {"name": "no-retry", "retries": 0, **roles},
@@ -150,7 +157,8 @@ def ask(stack: Stack, model: str = "nudged", *, stream: bool, max_tokens: int = 
     assert len(errors) <= 1 and (not errors or "error" in chunks[-1]), "one error event, last before [DONE]"
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
     error = errors[0] if errors else {}
-    return Outcome(200, error.get("code"), error.get("message", ""), text, chunks[-1] if chunks else None, raw)
+    last = chunks[-1] if chunks else None
+    return Outcome(200, error.get("code"), error.get("message", ""), text, last, raw)
 
 
 # fault -> the error code the client sees (None: the answer succeeds)
@@ -233,13 +241,20 @@ def test_a_stream_cut_after_text_ends_with_an_error_event(stack: Stack) -> None:
     assert "The base model" in outcome.message
 
 
+# The first completion a role's upstream gets, and one whose failure the answer cannot do
+# without (a base probe may be one the round never needed).
+FIRST_NEEDED = [("nudged", "nudging"), ("base-only", "base")]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("fault", ["http_503*1", "refuse*1", "stall=0*1"])
-def test_a_failure_before_any_text_is_retried(stack: Stack, fault: str, stream: bool) -> None:
-    stack.set_faults("base", fault)
+@pytest.mark.parametrize(("model", "role"), FIRST_NEEDED)
+def test_a_failure_before_any_text_is_retried(stack: Stack, model: str, role: str, fault: str,
+                                              stream: bool) -> None:
+    stack.set_faults(role, fault)
     try:
-        outcome = ask(stack, stream=stream)
-        spent = httpx.get(stack.upstreams["base"] + "/faults").json()
+        outcome = ask(stack, model, stream=stream)
+        spent = httpx.get(stack.upstreams[role] + "/faults").json()
     finally:
         stack.clear()
     assert (outcome.status, outcome.code) == (200, None), outcome.raw
@@ -248,10 +263,10 @@ def test_a_failure_before_any_text_is_retried(stack: Stack, fault: str, stream: 
 
 
 def test_retry_count_comes_from_config(stack: Stack) -> None:
-    stack.set_faults("base", "http_503*1")
+    stack.set_faults("nudging", "http_503*1")
     try:
         outcome = ask(stack, "no-retry", stream=False)
-        spent = httpx.get(stack.upstreams["base"] + "/faults").json()
+        spent = httpx.get(stack.upstreams["nudging"] + "/faults").json()
     finally:
         stack.clear()
     assert (outcome.status, outcome.code) == (503, "upstream_unavailable")
@@ -285,3 +300,135 @@ def test_base_failure_does_not_fall_back(stack: Stack) -> None:
     finally:
         stack.clear()
     assert (outcome.status, outcome.code) == (502, "upstream_error")
+
+
+# --- The simulator's faults, seen directly -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[str]:
+    with running(create_simulator("base", time_scale=0.02, faults="kind=tokenize:http_503")) as url:
+        yield url
+
+
+def open_requests(url: str) -> int:
+    return int(httpx.get(url + "/stats").json()["open_requests"])
+
+
+def wait_until(condition: Any, failure: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
+def test_control_endpoint(simulator: str) -> None:
+    assert httpx.get(simulator + "/faults").json() == {"faults": "kind=tokenize:http_503", "injected": 0}
+    assert httpx.post(simulator + "/tokenize", json={"prompt": "hi"}).status_code == 503
+    assert httpx.get(simulator + "/faults").json()["injected"] == 1
+    refused = httpx.post(simulator + "/faults", json={"faults": "kind=tokenize:slow"})
+    assert refused.status_code == 400
+    assert "slow only applies to" in refused.json()["message"]
+    assert httpx.post(simulator + "/faults", json={"faults": 3}).status_code == 400
+    assert httpx.post(simulator + "/tokenize", json={"prompt": "hi"}).status_code == 503  # still in force
+    assert httpx.post(simulator + "/faults", json={"faults": None}).json() == {"faults": "", "injected": 0}
+    assert httpx.post(simulator + "/tokenize", json={"prompt": "hi"}).json()["count"] == 1
+    # /v1/models, /health and /stats: only `models` faults touch the first, nothing the others.
+    httpx.post(simulator + "/faults", json={"faults": "kind=models:http_500=empty,refuse"})
+    try:
+        models = httpx.get(simulator + "/v1/models")
+        assert (models.status_code, models.content) == (500, b"")
+        assert httpx.get(simulator + "/health").status_code == 200
+        assert httpx.get(simulator + "/stats").status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(simulator + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    finally:
+        httpx.post(simulator + "/faults", json={"faults": ""})
+
+
+COMPLETION = {"prompt": "Why is the sky blue?\n", "max_tokens": 6, "logprobs": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("fault", ["stall", "delay=30", "slow=30"])
+def test_a_held_request_is_open_until_its_client_leaves(simulator: str, fault: str, stream: bool) -> None:
+    async def ask_and_leave() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            asking = asyncio.create_task(
+                client.post(simulator + "/v1/completions", json={**COMPLETION, "stream": stream}))
+            while (await client.get(simulator + "/stats")).json()["open_requests"] != 1:
+                assert not asking.done(), "the held request was answered"
+                await asyncio.sleep(0.01)
+            asking.cancel()  # closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+
+    httpx.post(simulator + "/faults", json={"faults": fault})
+    try:
+        asyncio.run(asyncio.wait_for(ask_and_leave(), 20))
+    finally:
+        httpx.post(simulator + "/faults", json={"faults": ""})
+    wait_until(lambda: open_requests(simulator) == 0, "the request stayed open after its client left")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("fault", ["refuse", "http_500", "malformed", "stream_cut", "no_logprobs",
+                                   "context_overflow", "malformed=0", "stream_cut=0"])
+def test_every_fault_leaves_no_open_request(simulator: str, fault: str, stream: bool) -> None:
+    httpx.post(simulator + "/faults", json={"faults": fault})
+    try:
+        with httpx.Client(timeout=30) as client, contextlib.suppress(httpx.TransportError):
+            client.post(simulator + "/v1/completions", json={**COMPLETION, "stream": stream}).read()
+    finally:
+        httpx.post(simulator + "/faults", json={"faults": ""})
+    wait_until(lambda: open_requests(simulator) == 0, "a faulted request stayed open")
+
+
+def test_faulted_answers_look_as_documented(simulator: str) -> None:
+    def answer(fault: str, stream: bool) -> httpx.Response:
+        httpx.post(simulator + "/faults", json={"faults": fault})
+        try:
+            return httpx.post(simulator + "/v1/completions", json={**COMPLETION, "stream": stream})
+        finally:
+            httpx.post(simulator + "/faults", json={"faults": ""})
+
+    no_logprobs = answer("no_logprobs", False).json()
+    assert no_logprobs["choices"][0]["logprobs"] is None and no_logprobs["choices"][0]["text"]
+    overflow = answer("context_overflow", False)
+    assert overflow.status_code == 400
+    assert overflow.json()["message"].startswith("This model's maximum context length is 4096 tokens. "
+                                                 "However, you requested ")
+    malformed = answer("malformed", False)
+    with pytest.raises(ValueError):
+        malformed.json()
+    events = [line for line in answer("malformed=1", True).text.splitlines() if line.startswith("data:")]
+    assert len(events) == 2 and "[DONE]" not in events[-1]
+    json.loads(events[0][5:])
+    with pytest.raises(ValueError):
+        json.loads(events[1][5:])
+    empty = answer("http_503=empty", True)
+    assert (empty.status_code, empty.content) == (503, b"")
+    with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+        answer("stream_cut=1", True)
+
+
+def test_context_overflow_mid_generation_ends_with_length(stack: Stack) -> None:
+    body = {"model": "nudged", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 60,
+            "nudging": {"return_provenance": True}}
+    whole = httpx.post(stack.proxy + "/v1/chat/completions", json=body, timeout=30).json()
+    text = whole["choices"][0]["message"]["content"]
+    # A word the base prompt contains only once the answer has got that far.
+    half = len(text) // 2
+    marker = next(word for word in text[half:].split() if word.isalpha() and len(word) > 3
+                  and word not in text[:half] and word not in QUESTION)
+    stack.set_faults("base", f"prompt~{marker}:context_overflow")
+    try:
+        cut = httpx.post(stack.proxy + "/v1/chat/completions", json=body, timeout=30).json()
+    finally:
+        stack.clear()
+    choice = cut["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["nudging"]["stop_reason"] == "context_length"
+    # The base may write the word itself; the next request that carries it is refused.
+    assert choice["message"]["content"] and text.startswith(choice["message"]["content"])
+    assert len(choice["message"]["content"]) < len(text)

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.app import create_app
+from server.config import parse_config
+from upstreams.simulator.app import create_app as create_simulator
+
 from .conftest import BASE_PROMPT, USER
+from .servers import running
 
 CHAT = "/v1/chat/completions"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(proxy: str) -> Samples:
-    response = httpx.get(proxy + "/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
+    """The metrics once no request is in flight: a request is recorded as its response ends,
+    which can be just after the client has read the last byte."""
+    deadline = time.monotonic() + 10
+    while True:
+        response = httpx.get(proxy + "/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        samples = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+        }
+        busy = sum(value for (name, labels), value in samples.items()
+                   if name == "nudging_proxy_requests_in_flight" and ("endpoint", "/metrics") not in labels)
+        if not busy or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.01)
 
 
 def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
@@ -102,3 +117,21 @@ def test_errors_by_status(proxy: str) -> None:
     assert moved(before, after, m + "upstream_requests_total", role="base", outcome="500") >= 1
     httpx.get(proxy + "/no/such/path")
     assert moved(after, scrape(proxy), m + "requests_total", model="", endpoint="other", status="404") == 1
+
+
+def test_an_upstream_cut_mid_stream_counts_as_a_stream_error() -> None:
+    # The base upstream closes every stream after 4 events: text has reached the client by
+    # then, so the proxy ends the stream with an error event instead of retrying.
+    with running(create_simulator("base", time_scale=0, faults="kind=stream:stream_cut=4")) as base:
+        config = parse_config({"models": [
+            {"name": "base", "method": "base_only", "base": {"url": base + "/v1", "model": "base"}}]})
+        with running(create_app(config)) as proxy:
+            body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 50, "stream": True}
+            with httpx.stream("POST", proxy + "/v1/completions", json=body, timeout=30) as response:
+                assert response.status_code == 200
+                lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+            assert lines[-2].startswith('data: {"error"') and lines[-1] == "data: [DONE]"
+            samples = scrape(proxy)
+    m, endpoint = "nudging_proxy_", "/v1/completions"
+    assert moved({}, samples, m + "errors_total", model="base", endpoint=endpoint, status="stream") == 1
+    assert moved({}, samples, m + "requests_total", model="base", endpoint=endpoint, status="200") == 1

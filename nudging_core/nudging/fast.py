@@ -102,9 +102,9 @@ class ProbeStream:
         if self._closed:
             return
         self._closed = True
-        if not self._first.done():
-            self._first.cancel()
-            await asyncio.gather(self._first, return_exceptions=True)
+        self._first.cancel()
+        # Also retrieves the failure of a probe nobody awaited (the round ended before it).
+        await asyncio.gather(self._first, return_exceptions=True)
         if self._stream is not None:
             await self._request.__aexit__(None, None, None)
 

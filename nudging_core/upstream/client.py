@@ -184,10 +184,10 @@ class UpstreamClient:
     def _in_background(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """Run `work` in a task of its own, which nobody cancels.
 
-        httpcore gives a response's connection back to its pool only if the task closing it
-        is not being cancelled (its shielded close re-raises the pending cancellation and skips
-        the bookkeeping); so reads and closes run here, and a cancelled caller leaves them to
-        finish in the background.
+        A response read or closed by a task that is being cancelled does not always give its
+        connection back to httpcore's pool (the fault tests saw connections left active until
+        the pool was full); so reads and closes run here, and a cancelled caller leaves them
+        to finish in the background.
         """
         task = asyncio.ensure_future(work)
         self._background.add(task)

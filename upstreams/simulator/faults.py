@@ -59,7 +59,7 @@ ALL_KINDS: Final = frozenset(KINDS)
 # Where a request's scope holds the function that closes its connection (see SimulatorApp).
 CLOSE_CONNECTION: Final = "nudging.simulator.close_connection"
 
-Step_ = TypeVar("Step_")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +326,7 @@ async def disrupt(fault: Fault, events: AsyncGenerator[str, None], scope: Scope)
         await events.aclose()  # the generation behind the events ends with the answer
 
 
-async def slowed(steps: AsyncGenerator[Step_, None], seconds: float) -> AsyncGenerator[Step_, None]:
+async def slowed(steps: AsyncGenerator[T, None], seconds: float) -> AsyncGenerator[T, None]:
     """`steps`, each after an extra wait."""
     try:
         async for step in steps:
