@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from nudging_core.upstream import ReplicaHealth, ReplicaSet, UpstreamClient
 from server.app import create_app
 from server.config import ConfigError, parse_config
+from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import free_port, running
 
@@ -87,6 +88,21 @@ def test_replica_addresses_are_validated(address: dict[str, object], message: st
     with pytest.raises(ConfigError, match="models.0.base") as caught:
         parse_config(upstream(**address))
     assert message in str(caught.value)
+
+
+def test_a_replica_that_sends_no_headers_in_time_cools_down() -> None:
+    with running(create_simulator("base", time_scale=0, faults="kind=stream:delay=5")) as url:
+        config = parse_config({"models": [{
+            "name": "base", "method": "base_only", "retries": 0,
+            "base": {"urls": [url + "/v1"], "model": "base", "timeouts": {"first_byte": 0.3}},
+        }]})
+        app = create_app(config)
+        with running(app) as proxy:
+            body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 4, "stream": True}
+            response = httpx.post(proxy + "/v1/completions", json=body, timeout=30)
+            assert response.status_code == 504, response.text
+            health = app.state.registry.get("base").replicas["base"].healths[0]
+            assert health.failures == 1 and not health.available
 
 
 # --- failover against real simulator processes --------------------------------------------------

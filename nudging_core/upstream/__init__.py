@@ -4,7 +4,8 @@ from .call import CompletionCall
 from .client import CompletionStream, Timeouts, UpstreamClient
 from .dialects import DIALECT_NAMES
 from .errors import ContextOverflow, UpstreamError, UpstreamTimeout
-from .replicas import ReplicaHealth, ReplicaSet
+from .health import ReplicaHealth
+from .replicas import ReplicaSet
 
 __all__ = [
     "DIALECT_NAMES",

@@ -24,6 +24,7 @@ from nudging_core.types import Completion, Token
 from .call import CompletionCall
 from .dialects import DIALECTS, Dialect, Parser, Request, detect
 from .errors import ContextOverflow, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from .health import ReplicaHealth
 
 T = TypeVar("T")
 
@@ -100,6 +101,7 @@ class UpstreamClient:
         timeouts: Timeouts = Timeouts(),
         max_in_flight: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        health: ReplicaHealth | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
@@ -113,6 +115,9 @@ class UpstreamClient:
         )
         self._slots = asyncio.Semaphore(max_in_flight)
         self._first_byte = timeouts.first_byte
+        # Failures below HTTP are seen by the replica's transport; a wait for headers that runs
+        # out is ours to report.
+        self._health = health
         self._dialect: Dialect | None = None if dialect == "auto" else DIALECTS[dialect]()
         self._detecting = asyncio.Lock()
         # Reads and closes finishing in the background (see `_in_background`).
@@ -165,6 +170,8 @@ class UpstreamClient:
             return response
         except TimeoutError as exc:
             outcome = "timeout"
+            if self._health is not None:
+                self._health.failed()
             raise UpstreamTimeout(self.role, f"no response within {self._first_byte:g} s") from exc
         except httpx.TimeoutException as exc:
             outcome = "timeout"

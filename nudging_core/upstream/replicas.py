@@ -11,33 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
 from .client import Timeouts, UpstreamClient
+from .health import ReplicaHealth
 
-
-class ReplicaHealth:
-    """Whether a replica may take new generations: not while it cools down after a failure."""
-
-    def __init__(self, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.cooldown = cooldown
-        self._clock = clock
-        self.failed_until = 0.0
-        self.failures = 0
-
-    @property
-    def available(self) -> bool:
-        return self._clock() >= self.failed_until
-
-    def failed(self) -> None:
-        self.failures += 1
-        self.failed_until = self._clock() + self.cooldown
-
-    def succeeded(self) -> None:
-        self.failed_until = 0.0
+DEFAULT_TIMEOUTS = Timeouts()
 
 
 class _ObservedStream(httpx.AsyncByteStream):
@@ -109,7 +90,7 @@ class ReplicaSet:
         role: str,
         api_key: str | None = None,
         dialect: str = "auto",
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         max_in_flight: int = 64,
         cooldown: float = 10.0,
     ) -> ReplicaSet:
@@ -123,7 +104,7 @@ class ReplicaSet:
             clients.append(
                 UpstreamClient(
                     url, model, role=role, api_key=api_key, dialect=dialect, timeouts=timeouts,
-                    max_in_flight=max_in_flight, transport=HealthTransport(pool, health),
+                    max_in_flight=max_in_flight, transport=HealthTransport(pool, health), health=health,
                 )
             )
             healths.append(health)
