@@ -15,6 +15,7 @@ from nudging_core.types import Piece, SamplingParams
 from nudging_core.upstream import ContextOverflow, UpstreamError
 from nudging_core.upstream.errors import is_retryable
 
+from .config import COMBINED_METHODS
 from .errors import invalid_request, scrub_urls
 from .prompts import Prompts
 from .protocol import ChatCompletionRequest, CompletionRequest, unsupported_fields
@@ -71,11 +72,12 @@ def generation_requests(
     served: ServedModel, request: AnyRequest, prompts: Prompts
 ) -> list[GenerationRequest]:
     method = served.config.method
-    if method == "nudging":
+    combined = method in COMBINED_METHODS
+    if combined:
         unsupported = unsupported_fields(request)
         if unsupported:
             raise invalid_request(
-                f"{unsupported[0]} is not supported for nudged models", unsupported[0]
+                f"{unsupported[0]} is not supported for models of method {method!r}", unsupported[0]
             )
     sampling = SamplingParams(
         temperature=request.temperature if request.temperature is not None else served.config.temperature,
@@ -90,7 +92,7 @@ def generation_requests(
         stop=_stops(request),
         sampling=sampling,
         params=_nudging_params(served, request),
-        passthrough_fields=_passthrough_fields(request) if method != "nudging" else {},
+        passthrough_fields={} if combined else _passthrough_fields(request),
     )
     return [GenerationRequest(choice_index=index, **common) for index in range(request.n)]  # type: ignore[arg-type]
 

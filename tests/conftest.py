@@ -43,6 +43,8 @@ def proxy() -> Iterator[str]:
              "max_tokens_limit": 1000},
             {"name": "nudged-auto", "base": {"url": base_url + "/v1", "model": "base"},
              "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "auto"}},
+            {"name": "ensemble", "method": "ensemble", "base": {"url": base_url + "/v1", "model": "base"},
+             "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"}},
             {"name": "base-only", "method": "base_only", "base": {"url": base_url + "/v1", "model": "base"}},
             {"name": "aligned-only", "method": "nudging_only",
              "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"}},

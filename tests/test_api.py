@@ -106,12 +106,13 @@ def test_passthrough_models(proxy: str) -> None:
     assert aligned["choices"][0]["finish_reason"] == "length"
 
 
-def test_passthrough_forwards_fields_a_nudged_model_rejects(proxy: str) -> None:
+@pytest.mark.parametrize("combined", ["nudged", "ensemble"])
+def test_passthrough_forwards_fields_a_combining_model_rejects(proxy: str, combined: str) -> None:
     response = httpx.post(proxy + "/v1/completions",
                           json={"model": "base-only", "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
     assert response.status_code == 200
     response = httpx.post(proxy + "/v1/completions",
-                          json={"model": "nudged", "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+                          json={"model": combined, "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "logit_bias"
 
@@ -158,7 +159,8 @@ def test_unknown_fields_are_ignored(proxy: str) -> None:
 
 def test_models_health_ready(proxy: str) -> None:
     models = httpx.get(proxy + "/v1/models").json()
-    assert [card["id"] for card in models["data"]] == ["nudged", "nudged-auto", "base-only", "aligned-only"]
+    assert [card["id"] for card in models["data"]] == ["nudged", "nudged-auto", "ensemble", "base-only",
+                                                        "aligned-only"]
     assert httpx.get(proxy + "/health").json() == {"status": "ok"}
     ready = httpx.get(proxy + "/ready")
     assert ready.status_code == 200 and all(ready.json()["upstreams"].values())

@@ -24,7 +24,7 @@ def test_sync_chat_and_completion(proxy: str) -> None:
         model="nudged", prompt=f"{USER}\n", extra_body={"nudging": {"nudging_prompt": NUDGER_PROMPT}}
     )
     assert completion.choices[0].text == EXPECTED
-    assert [m.id for m in sdk.models.list()] == ["nudged", "nudged-auto", "base-only", "aligned-only"]
+    assert [m.id for m in sdk.models.list()] == ["nudged", "nudged-auto", "ensemble", "base-only", "aligned-only"]
 
 
 def test_sync_streaming(proxy: str) -> None:

@@ -75,22 +75,6 @@ def test_stream_equals_non_stream_with_defaults(stack: Stack, model: str) -> Non
     assert whole["choices"][0]["message"]["content"]
 
 
-def test_client_disconnect_leaves_no_open_upstream_request(stack: Stack) -> None:
-    with httpx.stream("POST", stack.proxy + "/v1/chat/completions", json=chat("nudged", stream=True),
-                      timeout=60) as response:
-        # Leave mid-answer, at a moment an upstream request is known to be open.
-        open_seen = 0
-        for line in response.iter_lines():
-            assert line != "data: [DONE]", "the answer ended before an upstream request was seen open"
-            if line.startswith("data: ") and (open_seen := stack.open_requests()):
-                break
-        assert open_seen > 0
-    deadline = time.monotonic() + 0.5
-    while stack.open_requests() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert stack.open_requests() == 0
-
-
 def test_n_choices_with_seed_repeat_and_differ(stack: Stack) -> None:
     body = chat("nudged", n=3, seed=7, temperature=1.0, max_tokens=60)
     first = httpx.post(stack.proxy + "/v1/chat/completions", json=body, timeout=60).json()
