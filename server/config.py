@@ -133,6 +133,9 @@ class ModelConfig(Strict):
     threshold: float = Field(0.4, gt=0, le=1)
     lookahead_tokens: int = Field(16, ge=1, le=256)
     chunk_tokens: int = Field(16, ge=1, le=256)
+    probe_window: int = Field(
+        4, ge=1, le=256, description="fast: how many base probes of one round are open at once"
+    )
     max_rounds: int = Field(150, ge=1)
     strategy: Literal["paper", "fast"] = "fast"
     cleanup: bool = False

@@ -57,6 +57,7 @@ def _nudging_params(served: ServedModel, request: AnyRequest) -> NudgingParams:
             else config.lookahead_tokens
         ),
         chunk_tokens=config.chunk_tokens,
+        probe_window=config.probe_window,
         max_rounds=config.max_rounds,
         strategy=options.strategy if options and options.strategy is not None else config.strategy,
         cleanup=options.cleanup if options and options.cleanup is not None else config.cleanup,

@@ -193,6 +193,19 @@ async def test_fast_probes_are_concurrent(pair: Scripted) -> None:
     assert out.stats.cancelled_requests == {"base": 3, "nudging": 0}  # every loser is closed
 
 
+@pytest.mark.parametrize("window", [1, 2])
+async def test_fast_probe_window_bounds_the_probes_open_at_once(pair: Scripted, window: int) -> None:
+    script_no_takeover(pair)
+    pair.delay("b", " The", 0.3, stream=True)  # unbounded, every probe would be sent meanwhile
+    out = await run(pair, "fast", {"lookahead_tokens": 4, "probe_window": window})
+    assert out.text == NO_TAKEOVER_TEXT  # the same decisions
+    probes = sorted((e for e in pair.entries() if e["role"] == "b"), key=lambda e: len(e["body"]["prompt"]))
+    assert len(probes) == 3
+    # The probe `window` boundaries further on is sent only once the first one has lost.
+    for first, later in zip(probes, probes[window:], strict=False):
+        assert later["arrived"] >= first["answered"]
+
+
 async def test_paper_probes_are_sequential(pair: Scripted) -> None:
     script_no_takeover(pair)
     pair.delay("b", " The", 0.1)

@@ -116,12 +116,20 @@ async def _prepend(first: Token, rest: AsyncIterator[Token]) -> AsyncGenerator[T
 
 
 class _Probes:
-    """The base probes of one round, keyed by word boundary."""
+    """The base probes of one round, keyed by word boundary.
+
+    At most `probe_window` boundaries from the first undecided one are probed at once: every
+    open probe is a base stream generating tokens, and with many generations sharing an
+    upstream, probing every boundary of a long lookahead fills its slots with streams that
+    are mostly thrown away. A probe that loses makes room for the next boundary.
+    """
 
     def __init__(self, context: NudgingContext) -> None:
         self._context = context
         self._probes: dict[int, ProbeStream] = {}
         self._order = asyncio.Lock()
+        self._undecided = 1  # the boundaries before it lost
+        self._lookahead: Lookahead | None = None
 
     def launch(self, lookahead: Lookahead, boundary: int) -> ProbeStream:
         if boundary not in self._probes:
@@ -131,9 +139,17 @@ class _Probes:
         return self._probes[boundary]
 
     def launch_started_words(self, partial_text: str) -> None:
-        """Probe every boundary whose following word has begun: its prompt is final."""
-        lookahead = Lookahead.split(partial_text)
-        for boundary in range(1, len(lookahead.words)):
+        """Probe the boundaries in the window whose following word has begun: their prompts
+        are final."""
+        self._lookahead = Lookahead.split(partial_text)
+        self._fill_window()
+
+    def _fill_window(self) -> None:
+        lookahead = self._lookahead
+        if lookahead is None:
+            return
+        end = min(len(lookahead.words), self._undecided + self._context.params.probe_window)
+        for boundary in range(self._undecided, end):
             if lookahead.words[boundary]:
                 self.launch(lookahead, boundary)
 
@@ -142,6 +158,8 @@ class _Probes:
         and are closed now, freeing their upstream slots for the probes still waiting."""
         for earlier in [b for b in self._probes if b < boundary]:
             await self._probes.pop(earlier).close()
+        self._undecided, self._lookahead = boundary, lookahead
+        self._fill_window()
         return await self.launch(lookahead, boundary)
 
     def take(self, boundary: int) -> ProbeStream:
