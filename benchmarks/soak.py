@@ -7,6 +7,7 @@ each in its own process, keeps `--concurrency` streamed chat requests in flight 
 `[DONE]` or a failed connection. Prints figures; asserts nothing.
 
     python benchmarks/soak.py [--minutes 5] [--concurrency 32] [--max-tokens 128] [--time-scale 1]
+                               [--probe-window 4[,256...]]
 """
 
 from __future__ import annotations
@@ -106,14 +107,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before the first RSS reading")
+    parser.add_argument("--probe-window", default="4", metavar="W[,W...]",
+                        help="the model's probe_window; several values soak one after the other")
     args = parser.parse_args()
-    print(f"{args.concurrency} concurrent nudged chat streams for {args.minutes:g} min, "
-          f"max_tokens {args.max_tokens}, simulator time scale {args.time_scale:g}")
-    with simulator("base", args.time_scale) as base, simulator("aligned", args.time_scale) as aligned:
-        models = [{"name": "nudged", "base": {"url": base + "/v1", "model": "base"},
-                   "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}}]
-        with proxy(models) as (url, pid):
-            asyncio.run(_soak(url, pid, args))
+    for window in [int(value) for value in args.probe_window.split(",")]:
+        print(f"{args.concurrency} concurrent nudged chat streams for {args.minutes:g} min, "
+              f"max_tokens {args.max_tokens}, simulator time scale {args.time_scale:g}, "
+              f"probe_window {window}")
+        with simulator("base", args.time_scale) as base, simulator("aligned", args.time_scale) as aligned:
+            models = [{"name": "nudged", "probe_window": window,
+                       "base": {"url": base + "/v1", "model": "base"},
+                       "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}}]
+            with proxy(models) as (url, pid):
+                asyncio.run(_soak(url, pid, args))
 
 
 if __name__ == "__main__":
