@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import pytest
 
@@ -30,13 +31,28 @@ def _script(base: ScriptedUpstream, nudger: ScriptedUpstream) -> None:
     nudger.add(NUDGER_PROMPT + "Sure! The sky is blue because of", [(" light", 0.9), (".", 0.9), (" Bye", 0.9)])
 
 
-@pytest.fixture(scope="module")
-def proxy() -> Iterator[str]:
+@dataclass(frozen=True, slots=True)
+class ScriptedPair:
+    base: ScriptedUpstream
+    nudger: ScriptedUpstream
+    base_url: str
+    nudger_url: str
+
+
+@contextmanager
+def scripted_pair() -> Iterator[ScriptedPair]:
+    """The scripted base and nudger, answering the shared script, each on its own socket."""
     base, nudger = ScriptedUpstream("base"), ScriptedUpstream("nudger")
     _script(base, nudger)
+    with running(base.app()) as base_url, running(nudger.app()) as nudger_url:
+        yield ScriptedPair(base, nudger, base_url, nudger_url)
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[str]:
     with ExitStack() as stack:
-        base_url = stack.enter_context(running(base.app()))
-        nudger_url = stack.enter_context(running(nudger.app()))
+        pair = stack.enter_context(scripted_pair())
+        base_url, nudger_url = pair.base_url, pair.nudger_url
         config = parse_config({"models": [
             {"name": "nudged", "base": {"url": base_url + "/v1", "model": "base"},
              "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"},

@@ -15,8 +15,7 @@ from server.errors import APIError
 from server.limits import check_limits
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
-from .conftest import USER, _script
-from .scripted import ScriptedUpstream
+from .conftest import USER, scripted_pair
 from .servers import running
 
 LIMITS = {"max_body_bytes": 20_000, "max_messages": 3, "max_message_chars": 100, "max_prompt_chars": 250,
@@ -25,11 +24,9 @@ LIMITS = {"max_body_bytes": 20_000, "max_messages": 3, "max_message_chars": 100,
 
 @pytest.fixture(scope="module")
 def proxy() -> Iterator[str]:
-    base, nudger = ScriptedUpstream("base"), ScriptedUpstream("nudger")
-    _script(base, nudger)
     with ExitStack() as stack:
-        base_url = stack.enter_context(running(base.app()))
-        nudger_url = stack.enter_context(running(nudger.app()))
+        pair = stack.enter_context(scripted_pair())
+        base_url, nudger_url = pair.base_url, pair.nudger_url
         config = parse_config({"server": {"limits": LIMITS}, "models": [
             {"name": "nudged", "base": {"url": base_url + "/v1", "model": "base"},
              "nudging": {"url": nudger_url + "/v1", "model": "nudger", "chat_template": "chatml"},

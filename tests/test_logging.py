@@ -20,7 +20,7 @@ from server.app import create_app
 from server.config import parse_config
 from server.logs import JsonFormatter, configure_logging
 
-from .conftest import USER, _script
+from .conftest import USER, scripted_pair
 from .scripted import ScriptedUpstream
 from .servers import free_port, running
 
@@ -69,14 +69,12 @@ def restored_logging() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    base, nudger = ScriptedUpstream("base"), ScriptedUpstream("nudger")
-    _script(base, nudger)
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.MonkeyPatch.context() as env, ExitStack() as stack:
         env.setenv("TEST_CLIENT_KEYS", CLIENT_KEY)
         env.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
-        base_url = stack.enter_context(running(base.app()))
-        nudger_url = stack.enter_context(running(nudger.app()))
+        pair = stack.enter_context(scripted_pair())
+        base, nudger, base_url, nudger_url = pair.base, pair.nudger, pair.base_url, pair.nudger_url
         key = {"api_key_env": "TEST_UPSTREAM_KEY"}
         base_upstream = {"url": base_url + "/v1", "model": "base", **key}
         config = parse_config({"server": {"api_keys_env": "TEST_CLIENT_KEYS"}, "models": [
