@@ -1,4 +1,5 @@
-"""Which model wrote which text: merged spans and the paper's word-level nudging ratio."""
+"""Which model wrote which text: merged spans, tokens per source and the paper's word-level
+nudging ratio."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def merge_spans(pieces: Iterable[Piece]) -> list[Span]:
         else:
             spans.append(Span(piece.text, piece.source))
     return spans
+
+
+def tokens_by_source(pieces: Iterable[Piece]) -> dict[Source, int]:
+    counts: dict[Source, int] = {"base": 0, "nudging": 0}
+    for piece in pieces:
+        counts[piece.source] += piece.num_tokens
+    return counts
 
 
 def nudging_word_ratio(spans: Iterable[Span]) -> float:

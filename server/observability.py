@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nudging_core.provenance import tokens_by_source
 from nudging_core.types import Piece
 from nudging_core.upstream.client import RequestScope, request_scope
 
@@ -78,9 +79,7 @@ async def observed(
 
 def _note_choice(observation: Observation, pieces: list[Piece], *, nudged: bool) -> None:
     # Counted from a finished choice's pieces: those of an attempt that was retried are gone.
-    counts = {"base": 0, "nudging": 0}
-    for piece in pieces:
-        counts[piece.source] += piece.num_tokens
+    counts = tokens_by_source(pieces)
     for source, count in counts.items():
         observation.tokens[source] += count
     total = sum(counts.values())

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nudging_core.provenance import merge_spans, nudging_word_ratio
+from nudging_core.provenance import merge_spans, nudging_word_ratio, tokens_by_source
 
 from .protocol import (
     ChatCompletionChoice,
@@ -31,12 +31,9 @@ from .runs import ChoiceRun
 def provenance_report(run: ChoiceRun) -> NudgingReport:
     stats = run.generation.stats
     spans = merge_spans(run.pieces)
-    tokens = {"base": 0, "nudging": 0}
-    for piece in run.pieces:
-        tokens[piece.source] += piece.num_tokens
     return NudgingReport(
         spans=[Span(text=span.text, source=span.source) for span in spans],
-        tokens=tokens,
+        tokens=tokens_by_source(run.pieces),
         nudging_word_ratio=nudging_word_ratio(spans),
         rounds=stats.rounds,
         upstream_requests=dict(stats.upstream_requests),
