@@ -35,15 +35,17 @@ def local_upstreams(config: Config) -> dict[int, UpstreamConfig]:
     """Port -> upstream, for every upstream of the config on this machine."""
     upstreams: dict[int, UpstreamConfig] = {}
     for model in config.models:
-        for upstream in (model.base, model.nudging, model.nudging_base):
-            if upstream is None:
-                continue
-            parts = urlsplit(upstream.url)
-            if parts.hostname not in LOCAL_HOSTS or parts.port is None:
-                continue
-            known = upstreams.setdefault(parts.port, upstream)
-            if known.model != upstream.model:
-                raise ConfigError(f"port {parts.port} is given two models: {known.model}, {upstream.model}")
+        present = [u for u in (model.base, model.nudging, model.nudging_base) if u is not None]
+        for upstream in present:
+            for url in upstream.endpoints:
+                parts = urlsplit(url)
+                if parts.hostname not in LOCAL_HOSTS or parts.port is None:
+                    continue
+                known = upstreams.setdefault(parts.port, upstream)
+                if known.model != upstream.model:
+                    raise ConfigError(
+                        f"port {parts.port} is given two models: {known.model}, {upstream.model}"
+                    )
     return upstreams
 
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from nudging_core.upstream import ReplicaHealth, ReplicaSet, UpstreamClient
 from server.app import create_app
 from server.config import ConfigError, parse_config
+from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import free_port, running
@@ -103,6 +104,16 @@ def test_a_replica_that_sends_no_headers_in_time_cools_down() -> None:
             assert response.status_code == 504, response.text
             health = app.state.registry.get("base").replicas["base"].healths[0]
             assert health.failures == 1 and not health.available
+
+
+def test_the_stack_commands_start_every_local_replica() -> None:
+    config = parse_config({"models": [{
+        "name": "m", "method": "base_only",
+        "base": {"urls": ["http://127.0.0.1:8101/v1", "http://localhost:8102/v1", "http://gpu-box:8000/v1"],
+                 "model": "base"},
+    }]})
+    assert {port: upstream.model for port, upstream in local_upstreams(config).items()} == {
+        8101: "base", 8102: "base"}
 
 
 # --- failover against real simulator processes --------------------------------------------------
