@@ -3,14 +3,19 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
-# llama.cpp's native build may use CPU features the kernel does not enable (AMX tiles
-# crash with SIGILL on some VMs); build for a portable x86-64 AVX2 baseline instead.
+# llama.cpp's native build uses CPU-specific kernels that crash on some machines (SIGILL
+# where a VM hides AMX, SIGSEGV in AMX kernels); build for a portable x86-64 AVX2 baseline
+# (upstreams/local/selftest.py names the same flags in its rebuild hint). It is built first
+# and without pip's cache, which would otherwise hand back a wheel built with other flags.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# The demo extra's llama-cpp-python requirement, as pyproject.toml states it.
+LLAMA_REQUIREMENT = $(shell $(PYTHON) -c "import tomllib; print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['demo'] if r.startswith('llama-cpp-python')))")
 
 $(BIN)/nudging-proxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e '.[dev,demo,eval]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir '$(LLAMA_REQUIREMENT)'
+	$(BIN)/python -m pip install -q -e '.[dev,demo,eval]'
 	touch $@
 
 .PHONY: run sim test bench

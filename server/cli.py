@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from nudging_eval import cli as evaluation
@@ -18,7 +19,7 @@ from upstreams.simulator import app as simulator
 from .app import create_app
 from .config import Config, ConfigError, load_config
 from .logs import configure_logging, secrets_of
-from .stack import local_launcher, run_stack, simulator_launcher
+from .stack import Launcher, local_launcher, run_stack, simulator_launcher
 
 
 def _load(path: str) -> Config:
@@ -28,7 +29,7 @@ def _load(path: str) -> Config:
         sys.exit(f"nudging-proxy: {error}")
 
 
-def serve(config: Config, host: str | None, port: int | None) -> None:
+def serve(config: Config, host: str | None, port: int | None, app: FastAPI | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C; then stop accepting, let running requests finish for up
     to `shutdown_grace_seconds`, and end the rest (server/shutdown.py)."""
     configure_logging(config.server.log_level, secrets_of(config))
@@ -36,7 +37,7 @@ def serve(config: Config, host: str | None, port: int | None) -> None:
     # rather run on through the grace period.
     AppStatus.enable_automatic_graceful_drain = False
     uvicorn.run(
-        create_app(config),
+        app or create_app(config),
         host=host or config.server.host,
         port=port or config.server.port,
         log_config=None,
@@ -50,7 +51,7 @@ def _exit_after_shutdown(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)
 
 
-def _serve_with_banner(config: Config, args: argparse.Namespace) -> None:
+def _serve_with_banner(config: Config, args: argparse.Namespace, app: FastAPI) -> None:
     host = args.host or config.server.host
     port = args.port or config.server.port
     model = config.models[0].name
@@ -61,7 +62,13 @@ def _serve_with_banner(config: Config, args: argparse.Namespace) -> None:
         f""""content": "Why is the sky blue?"}}]}}'\n""",
         flush=True,
     )
-    serve(config, host, port)
+    serve(config, host, port, app)
+
+
+def _run_stack(config: Config, launch: Launcher, args: argparse.Namespace, startup_timeout: float) -> None:
+    app = create_app(config)
+    run_stack(config, launch, lambda: _serve_with_banner(config, args, app),
+              report_down=app.state.registry.report_down, startup_timeout=startup_timeout)
 
 
 def _proxy_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
@@ -113,12 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "eval":
         evaluation.run(args)
     elif args.command == "demo":
-        config = _load(args.config)
-        run_stack(config, local_launcher(args.threads), lambda: _serve_with_banner(config, args),
-                  startup_timeout=300)
+        _run_stack(_load(args.config), local_launcher(args.threads), args, startup_timeout=300)
     elif args.command == "sim-stack":
-        config = _load(args.config)
-        run_stack(config, simulator_launcher(args.time_scale), lambda: _serve_with_banner(config, args))
+        _run_stack(_load(args.config), simulator_launcher(args.time_scale), args, startup_timeout=60)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ class ModelRegistry:
             )
         return self._replicas[key]
 
+    def report_down(self, url: str, problem: str | None) -> None:
+        """Note why the server at `url` is down (None: it is back), for errors that need it."""
+        for replicas in self._replicas.values():
+            for client, health in zip(replicas.clients, replicas.healths, strict=True):
+                if client.url == url:
+                    health.down = problem
+
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)
 

@@ -104,6 +104,7 @@ class UpstreamClient:
         health: ReplicaHealth | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url
         self.model = model
         self.role = role
         self._http = httpx.AsyncClient(
@@ -178,7 +179,9 @@ class UpstreamClient:
             raise UpstreamTimeout(self.role, "timed out") from exc
         except httpx.HTTPError as exc:
             outcome = "unreachable"
-            raise UpstreamUnreachable(self.role, f"unreachable ({type(exc).__name__})") from exc
+            known = self._health.down if self._health is not None else None
+            reason = f"unreachable ({type(exc).__name__})" + (f"; {known}" if known else "")
+            raise UpstreamUnreachable(self.role, reason) from exc
         finally:
             if scope.observer is not None:
                 scope.observer(self.role, outcome, time.perf_counter() - started)

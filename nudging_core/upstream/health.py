@@ -14,6 +14,9 @@ class ReplicaHealth:
         self._clock = clock
         self.failed_until = 0.0
         self.failures = 0
+        # Why the replica's server is known to be down, from whoever runs it (the stack
+        # commands watch their local processes); clients add it to "unreachable" errors.
+        self.down: str | None = None
 
     @property
     def available(self) -> bool:

@@ -7,6 +7,7 @@ dependencies (the `demo` extra) are imported only when the subcommand runs.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 from pathlib import Path
 
 from ..cli import add_listen_arguments, add_serving_arguments, positive_int
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "beyond the free cores slow llama.cpp down sharply)")
     parser.add_argument("--ctx", type=positive_int, default=DEFAULT_CTX,
                         help="context length in tokens (capped at the model's training length)")
+    parser.add_argument("--no-self-test", dest="self_test", action="store_false",
+                        help="start without first evaluating a test prompt in a child process "
+                             "(the check that this llama.cpp build runs on this CPU)")
     add_serving_arguments(parser)
 
 
@@ -40,14 +44,19 @@ def resolve_gguf(value: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
+    # A crash inside llama.cpp then prints where it happened instead of dying silently.
+    faulthandler.enable()
     try:
         from .app import serve
         from .generation import EngineError
+        from .selftest import check_model
     except ImportError as error:
         raise SystemExit(f"local-upstream: {error.name} is not installed; install the demo extra "
                          "with pip install '.[demo]'") from None
     try:
         path = resolve_gguf(args.gguf)
+        if args.self_test:
+            check_model(path, n_ctx=args.ctx, n_threads=args.threads)
         serve(args.host, args.port, path, model_name=args.name, n_threads=args.threads,
               n_ctx=args.ctx, max_logprobs=args.max_logprobs, log_level=args.log_level)
     except (MissingModelError, EngineError) as error:

@@ -53,6 +53,23 @@ DEFAULT_BATCH = 512
 MIN_REUSE = 8
 
 
+def uses_amx(system_info: str) -> bool:
+    """Whether llama.cpp was built with its AMX kernels (``AMX_INT8 = 1`` in its system info)."""
+    return "AMX_INT8 = 1" in system_info
+
+
+def _model_params() -> llama_cpp.llama_model_params:
+    params = llama_cpp.llama_model_default_params()
+    # A native build on a CPU with AMX repacks quantised weights into AMX buffers, and its
+    # AMX matrix kernels crashed (SIGSEGV) in batched prompt evaluation of SmolLM2's Q4_1
+    # weights on a Xeon with AMX; they are also known to compute wrong results for Q4_0 and
+    # Q4_1. Without extra buffer types the weights stay in plain CPU buffers, which those
+    # kernels never touch; the AVX2 repacking this also turns off was not faster for the
+    # bundled models (measured on an AVX2 machine: same prefill and decode times).
+    if uses_amx(llama_cpp.llama_print_system_info().decode(errors="replace")):
+        log.warning("llama.cpp was built with AMX; its AMX kernels are not used")
+        params.use_extra_bufts = False
+    return params
 
 
 def default_threads() -> int:
@@ -105,8 +122,7 @@ class LlamaCppModel:
         if not self.path.is_file():
             raise EngineError(f"model file not found: {self.path}")
         threads = n_threads or default_threads()
-        model_params = llama_cpp.llama_model_default_params()
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), _model_params())
         if not self._model:
             raise EngineError(f"llama.cpp could not load {self.path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
