@@ -14,7 +14,7 @@ first evaluates an unrelated prompt, so that the generation's first request is e
 afresh (`reset_caches`). Without that, even the same request twice can get different text.
 
 Run with ``pytest -s`` to see the fast-vs-paper table. The module is skipped when
-llama-cpp-python or the model packages are missing, or when llama.cpp cannot run on this CPU.
+llama-cpp-python or the model packages are missing; it fails when llama.cpp cannot run on this CPU.
 """
 
 from __future__ import annotations
@@ -59,9 +59,8 @@ from nudging_core.templates import Message, base_prompt
 from nudging_core.types import GenerationStats, Source
 from nudging_core.upstream import UpstreamClient
 
-# Importing it runs its crash check (one token evaluated in a child process, since a llama.cpp
-# built for instructions this CPU lacks dies with SIGILL) and skips this module as well when
-# llama.cpp cannot run here.
+# Importing it runs the local upstream's start-up check on both models, and fails this module
+# as well when the installed llama.cpp build cannot serve them on this CPU.
 from . import test_local_upstream as _llama_cpp_checked  # noqa: F401
 from .servers import free_port
 
@@ -598,6 +597,63 @@ def test_fast_and_paper_agree_on_real_models_except_for_explained_causes(demo: D
     unexplained = [d for d in divergences if d.cause is None]
     assert not unexplained, unexplained
     assert equal_count >= MIN_EQUAL
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's command, and a crashed upstream
+
+
+def _readme_curl() -> str:
+    """The quickstart's curl command, as the README gives it."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("In another shell:\n\n```bash\n", 1)[1].split("```", 1)[0]
+    assert block.startswith("curl "), block
+    return block
+
+
+def test_the_readmes_curl_command_streams_a_nudged_answer(demo: Demo) -> None:
+    command = _readme_curl().replace("http://127.0.0.1:8080", demo.proxy)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    events = [line.removeprefix("data: ") for line in done.stdout.splitlines()
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", done.stdout[-2000:]
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all("error" not in chunk for chunk in chunks), done.stdout[-2000:]
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks
+                   if chunk["choices"])
+    assert len(text.split()) > 3, text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_crashed_model_process_is_reported_and_restarted(demo: Demo) -> None:
+    nudger = next(pid for pid in _children(demo.process.pid)
+                  if "smollm" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+    os.kill(nudger, signal.SIGSEGV)
+    report = f"the upstream 'smollm' on port {demo.ports[2]} was killed by SIGSEGV (exit status 139)"
+    deadline = time.monotonic() + 30
+    while report not in demo.log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert report in demo.log.read_text(errors="replace")
+    # The restart evaluates a test prompt and loads the model: seconds in which it is down.
+    assert httpx.get(demo.proxy + "/ready", timeout=30).status_code == 503
+    answer = sdk(demo).with_options(max_retries=0)
+    with pytest.raises(openai.APIStatusError) as failed:
+        answer.chat.completions.create(model="gemma-nudged", messages=messages(QUESTION),
+                                       max_tokens=8)
+    assert failed.value.status_code == 502
+    assert "its local process 'smollm' was killed by SIGSEGV" in str(failed.value)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if httpx.get(demo.proxy + "/ready", timeout=30).status_code == 200:
+            break
+        time.sleep(0.5)
+    assert "the upstream 'smollm' is back" in demo.log.read_text(errors="replace")
+    reply = sdk(demo).chat.completions.create(model="smollm-instruct", messages=messages(QUESTION),
+                                              max_tokens=8)
+    assert reply.choices[0].message.content
+    demo.children = _children(demo.process.pid)  # the restarted process replaces the crashed one
 
 
 # ---------------------------------------------------------------------------------------------
