@@ -85,3 +85,9 @@ def test_the_local_upstream_refuses_to_start_when_its_check_fails(tmp_path: Path
                            "--port", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "local-upstream: llama.cpp failed a test prompt with broken.gguf" in done.stderr
+
+
+def test_the_image_install_script_builds_llama_cpp_with_the_same_portable_flags() -> None:
+    script = (ROOT / "docker" / "install.sh").read_text()
+    assert f': "${{CMAKE_ARGS:={PORTABLE_CMAKE_ARGS}}}"' in script
+    assert script.count("--no-cache-dir") >= 2
