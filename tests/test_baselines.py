@@ -10,28 +10,36 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
 import yaml
+from openai import OpenAI
 
 from nudging_core.baselines import (
+    ROLES,
+    BaselineMethod,
     Chosen,
     ensemble_choice,
     ensemble_round,
     proxy_tuning_choice,
     proxy_tuning_round,
 )
-from nudging_core.types import Completion, Token
+from nudging_core.generation import Generation, GenerationRequest
+from nudging_core.nudging import NudgingParams
+from nudging_core.types import Completion, GenerationStats, Role, Token
+from nudging_core.upstream import UpstreamClient
 from server.app import create_app as create_proxy
 from server.config import ConfigError, load_config, parse_config
 from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 
 from .scripted import ScriptedUpstream
+from .seed_code import seed_module
 from .servers import free_port, running
 
 QUESTION = "Why do leaves change color in autumn?"
@@ -119,12 +127,31 @@ def test_a_finished_chat_expert_supplies_its_whole_chunk() -> None:
         assert decision.finished == "nudging_model_stop"
 
 
-def test_choosing_the_end_token_ends_the_generation() -> None:
+def test_an_end_token_pick_after_agreement_is_dropped_and_the_generation_goes_on() -> None:
+    # As the seed: the end token's empty text is appended, so the round keeps what was agreed.
     base = completion([(" Done", {" Done": 0.9}), ("", {"": 0.5, ".": 0.4})], finish="stop")
     chat = completion([(" Done", {" Done": 0.9}), (".", {".": 0.3, "": 0.3})])
     decision = ensemble_round(base, chat)  # end 0.8 > "." 0.7
     assert decision.chosen == (Chosen(" Done", "base"),)
-    assert decision.finished == "eos_chosen"
+    assert decision.finished is None
+    assert decision.rule == "end_pick_dropped"
+
+
+def test_an_end_token_pick_with_nothing_agreed_forces_the_first_base_token() -> None:
+    base = completion([(" Hi", {" Hi": 0.4, "": 0.35})])
+    chat = completion([(" Yo", {" Yo": 0.5, "": 0.45})])
+    decision = ensemble_round(base, chat)  # end 0.8 > " Yo" 0.5 > " Hi" 0.4
+    assert decision.chosen == (Chosen(" Hi", "base"),)
+    assert (decision.finished, decision.rule) == (None, "forced_token")
+
+
+def test_an_end_token_pick_with_an_empty_base_forces_the_chat_experts_token() -> None:
+    base = completion([("", {"": 0.6})], finish="stop")
+    chat = completion([(".", {".": 0.3}), (" Bye", {" Bye": 0.9})])
+    anti = completion([(".", {".": 0.3}), (" Bye", {" Bye": 0.9})])
+    for decision in (ensemble_round(base, chat), proxy_tuning_round(base, chat, anti)):
+        assert decision.chosen == (Chosen(".", "nudging"),)
+        assert (decision.finished, decision.rule) == (None, "forced_token")
 
 
 def test_proxy_tuning_round_goes_on_while_all_three_agree_with_the_pick() -> None:
@@ -145,11 +172,19 @@ def test_proxy_tuning_round_with_nothing_shared_takes_the_base_token_and_stops()
     assert proxy_tuning_round(base, chat, anti).chosen == (Chosen(" x", "base"),)
 
 
-def test_a_model_that_returns_nothing_ends_the_generation() -> None:
+def test_an_empty_base_chunk_takes_the_chat_experts_first_token() -> None:
     empty = Completion((), "stop")
     chat = completion([(" a", {" a": 0.9})])
-    assert ensemble_round(empty, chat).finished == "base_stop"
-    assert proxy_tuning_round(empty, chat, chat).finished == "base_stop"
+    assert ensemble_round(empty, chat).chosen == (Chosen(" a", "nudging"),)
+    assert proxy_tuning_round(empty, chat, chat).chosen == (Chosen(" a", "nudging"),)
+
+
+def test_a_round_without_any_text_ends_the_generation() -> None:
+    # The seed would ask again for ever; nothing in these chunks can be written.
+    empty = Completion((), "stop")
+    silent = completion([("", {"": 0.1})], finish="length")
+    assert ensemble_round(empty, silent).finished == "empty_round"
+    assert proxy_tuning_round(empty, silent, silent).finished == "empty_round"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,3 +391,149 @@ def test_sim_stack_serves_the_baselines_on_three_simulator_processes(tmp_path: P
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the seed's own baseline functions, on the same upstreams over real HTTP
+
+SCRIPTED_BASE_PROMPT, SCRIPTED_CHAT_PROMPT = "Q\n", "<user>Q<assistant>"
+CHAT_ANSWER = [(" Done", 0.9), (".", 0.3), (" Bye", 0.9), (" for", 0.9), (" now", 0.9), (" and", 0.9),
+               (" later", 0.9), ("!", 0.9)]
+
+
+@dataclass
+class Upstreams:
+    urls: dict[Role, str]  # OpenAI base URLs
+    models: dict[Role, str]
+
+
+async def our_baseline(
+    upstreams: Upstreams, method: BaselineMethod, base_prompt: str, chat_prompt: str, max_tokens: int,
+    chunk_tokens: int = 16,
+) -> tuple[str, GenerationStats]:
+    clients = {
+        role: UpstreamClient(upstreams.urls[role], upstreams.models[role], role=role) for role in ROLES[method]
+    }
+    request = GenerationRequest(
+        method=method, max_tokens=max_tokens, base_prompt=base_prompt, nudging_prompt=chat_prompt,
+        params=NudgingParams(chunk_tokens=chunk_tokens),
+    )
+    generation = Generation(request, clients)  # type: ignore[arg-type]
+    try:
+        text = "".join([piece.text async for piece in generation.pieces()])
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return text, generation.stats
+
+
+def seed_baseline(
+    seed: ModuleType, upstreams: Upstreams, method: BaselineMethod, base_prompt: str, chat_prompt: str,
+    max_tokens: int, chunk_tokens: int = 16,
+) -> str:
+    def client(role: Role) -> OpenAI:
+        return OpenAI(base_url=upstreams.urls[role], api_key="offline", max_retries=0)
+
+    shared = {
+        "base_model": upstreams.models["base"], "proxy_chat_model": upstreams.models["nudging"],
+        "client_base": client("base"), "client_proxy_chat": client("nudging"),
+        "max_token_total": max_tokens, "full_prefix_base": base_prompt, "full_prefix_proxy_chat": chat_prompt,
+        "completion_token_num": chunk_tokens,
+    }
+    if method == "ensemble":
+        return str(seed.completion_baseline_ensemble(**shared))
+    return str(seed.completion_baseline_proxy_tuning(
+        **shared, proxy_base_model=upstreams.models["nudging_base"], client_proxy_base=client("nudging_base"),
+        full_prefix_proxy_base=base_prompt,
+    ))
+
+
+@pytest.fixture(scope="module")
+def seed_utils(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    return seed_module("utils", tmp_path_factory.mktemp("seed"))
+
+
+@pytest.fixture(scope="module")
+def end_token_trio() -> Iterator[Upstreams]:
+    """A base that ends early where the chat expert goes on: the combined pick is the end
+    token after agreement (round 1) and with nothing agreed (round 2)."""
+    base, chat, anti = ScriptedUpstream("base"), ScriptedUpstream("chat"), ScriptedUpstream("anti")
+    base.add("Q\n", [(" Done", 0.9), ("", 0.6)])
+    base.add("Q\n Done.", [(" Bye", 0.9), ("", 0.6)])
+    base.add("Q\n Done. Bye for", [(" now", 0.9)])
+    chat.add(SCRIPTED_CHAT_PROMPT, CHAT_ANSWER)
+    anti.add(SCRIPTED_BASE_PROMPT, CHAT_ANSWER)
+    with ExitStack() as stack:
+        urls: dict[Role, str] = {
+            role: stack.enter_context(running(upstream.app())) + "/v1"
+            for role, upstream in (("base", base), ("nudging", chat), ("nudging_base", anti))
+        }
+        yield Upstreams(urls, {"base": "base", "nudging": "chat", "nudging_base": "anti"})
+
+
+@pytest.mark.parametrize("method", ["ensemble", "proxy_tuning"])
+async def test_a_combined_end_token_pick_goes_on_as_the_seed_does(
+    end_token_trio: Upstreams, seed_utils: ModuleType, method: BaselineMethod
+) -> None:
+    prompts = (SCRIPTED_BASE_PROMPT, SCRIPTED_CHAT_PROMPT)
+    text, stats = await our_baseline(end_token_trio, method, *prompts, max_tokens=100, chunk_tokens=4)
+    # Round 1 keeps " Done" (the end pick is dropped), round 2 forces the chat expert's "."
+    # (the base has nothing but its end token); the chat expert finally stops.
+    assert text == " Done. Bye for now and later!"
+    assert stats.stop_reason == "nudging_model_stop"
+    assert stats.rules["end_pick_dropped"] >= 1 and stats.rules["forced_token"] >= 1
+    assert text == seed_baseline(seed_utils, end_token_trio, method, *prompts, max_tokens=100, chunk_tokens=4)
+
+
+@contextmanager
+def simulator_upstreams() -> Iterator[Upstreams]:
+    with ExitStack() as stack:
+        urls: dict[Role, str] = {
+            role: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100))) + "/v1"
+            for role, profile in (("base", "base"), ("nudging", "aligned"), ("nudging_base", "aligned-base"))
+        }
+        yield Upstreams(urls, {"base": "base", "nudging": "aligned", "nudging_base": "aligned-base"})
+
+
+@pytest.fixture(scope="module")
+def simulator_trio() -> Iterator[Upstreams]:
+    with simulator_upstreams() as upstreams:
+        yield upstreams
+
+
+def seed_prompts(question: str) -> tuple[str, str]:
+    """The seed's layouts of a reasoning question: plain for the base models, the chat
+    template (chatml here) for the chat expert."""
+    system = "Answer the question by walking through the reasoning steps."
+    return (
+        f"{system}\nQuestion: {question}\n",
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nQuestion: {question}<|im_end|>\n"
+        "<|im_start|>assistant\n",
+    )
+
+
+def matches_the_seed(ours: str, stats: GenerationStats, theirs: str) -> bool:
+    """Our text is the seed's; where our budget ended it, the seed's begins with it (the seed
+    asks for whole chunks and overshoots its budget)."""
+    return ours == theirs or (stats.stop_reason == "length" and theirs.startswith(ours))
+
+
+ORACLE_QUESTIONS = (
+    QUESTION,
+    "How does a refrigerator keep food cold?",
+    "What causes the tides in the ocean?",
+    "Give me a brief answer: what is the capital of France?",
+    "List three colors of the rainbow.",
+)
+ORACLE_BUDGET = 300
+
+
+@pytest.mark.parametrize("method", ["ensemble", "proxy_tuning"])
+@pytest.mark.parametrize("question", ORACLE_QUESTIONS)
+async def test_the_baselines_write_the_seeds_text_on_the_simulators(
+    simulator_trio: Upstreams, seed_utils: ModuleType, method: BaselineMethod, question: str
+) -> None:
+    base_prompt, chat_prompt = seed_prompts(question)
+    text, stats = await our_baseline(simulator_trio, method, base_prompt, chat_prompt, ORACLE_BUDGET)
+    theirs = seed_baseline(seed_utils, simulator_trio, method, base_prompt, chat_prompt, ORACLE_BUDGET)
+    assert matches_the_seed(text, stats, theirs)

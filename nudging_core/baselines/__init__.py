@@ -5,13 +5,23 @@ Both compare token strings across models, so their models must share one tokeniz
 
 from .choice import ensemble_choice, proxy_tuning_choice
 from .generate import ROLES, TOP_K, BaselineContext, TokenizerMismatch, generate_baseline
-from .rounds import BaselineMethod, Chosen, RoundDecision, ensemble_round, proxy_tuning_round
+from .rounds import (
+    BaselineEnd,
+    BaselineMethod,
+    BaselineRule,
+    Chosen,
+    RoundDecision,
+    ensemble_round,
+    proxy_tuning_round,
+)
 
 __all__ = [
     "ROLES",
     "TOP_K",
     "BaselineContext",
+    "BaselineEnd",
     "BaselineMethod",
+    "BaselineRule",
     "Chosen",
     "RoundDecision",
     "TokenizerMismatch",

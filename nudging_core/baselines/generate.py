@@ -1,5 +1,5 @@
-"""A baseline generation: rounds of concurrent chunk requests until a model stops, the
-baselines pick an end token, or the budget is used up.
+"""A baseline generation: rounds of concurrent chunk requests until the chat expert stops or
+the budget is used up, as in the paper's code (`rounds.py` says how a round decides).
 
 Each round asks every model for `chunk_tokens` greedy tokens with top-k logprobs from its
 own prompt plus the output so far (the chat expert its chat prompt, the base models the
@@ -109,6 +109,8 @@ async def generate_baseline(context: BaselineContext) -> AsyncGenerator[Piece, N
                     raise
                 checking = None
             decision = await deciding
+            if decision.rule is not None:
+                stats.fire(decision.rule)
             cut = False
             for piece in decision.pieces():
                 taken = context.budget.take(piece)

@@ -1,10 +1,17 @@
 """One round of a baseline: every model writes a chunk greedily from the same output so far;
 the round keeps the tokens they agree on and, at the first disagreement, the combined choice.
 
-As in the paper's code, a chat expert that finished (`finish_reason == "stop"`) supplies its
-whole chunk and ends the generation. Provenance: a kept token is the base's when it is the
-token the base itself wrote at that position, otherwise the nudger's (the baseline moved
-the base away from its own choice).
+As in the paper's code (its `utils.py`, `completion_baseline_ensemble` and
+`completion_baseline_proxy_tuning`):
+- a chat expert that finished (`finish_reason == "stop"`) supplies its whole chunk and ends
+  the generation; nothing else does, short of the budget;
+- a combined pick of the end token adds no text: the round keeps what was agreed before it;
+- a round that keeps no text at all (the end token picked first, or an empty base chunk)
+  writes the first non-empty token of the base's chunk, else of the chat expert's.
+Where the paper's code would then ask again for ever (no model wrote any text), we end with
+`empty_round`. Provenance: a kept token is the base's when it is the token the base itself
+wrote at that position, otherwise the nudger's (the baseline moved the base away from its
+own choice).
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from nudging_core.types import Completion, Piece, Source, Token
 from .choice import ensemble_choice, proxy_tuning_choice
 
 BaselineMethod = Literal["proxy_tuning", "ensemble"]
+BaselineEnd = Literal["nudging_model_stop", "empty_round"]
+# Counted in the generation's rules when a round used them.
+BaselineRule = Literal["end_pick_dropped", "forced_token"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +39,8 @@ class Chosen:
 class RoundDecision:
     chosen: tuple[Chosen, ...]
     # Why the generation ends after this round; None: it goes on.
-    finished: str | None = None
+    finished: BaselineEnd | None = None
+    rule: BaselineRule | None = None
 
     def pieces(self) -> list[Piece]:
         """The chosen tokens as pieces, one per run of a source, one token each."""
@@ -82,10 +93,19 @@ def _chat_finished(chat: Completion, base: Completion) -> RoundDecision:
     return RoundDecision(tuple(chosen), "nudging_model_stop")
 
 
-def _nothing_chosen(base: Completion) -> RoundDecision:
-    # A model returned no tokens: the base stopped without reporting an end token, or an
-    # upstream gave an empty chunk; either way nothing more can be agreed on.
-    return RoundDecision((), "base_stop" if base.finish_reason == "stop" else "empty_round")
+def _first_text(completion: Completion, source: Source) -> Chosen | None:
+    return next((Chosen(t.text, source) for t in completion.tokens if t.text), None)
+
+
+def _decided(chosen: list[Chosen], end_picked: bool, base: Completion, chat: Completion) -> RoundDecision:
+    """The round's tokens; when they hold no text, the first token with text of the base's
+    chunk, else of the chat expert's."""
+    if any(token.text for token in chosen):
+        return RoundDecision(tuple(chosen), rule="end_pick_dropped" if end_picked else None)
+    forced = _first_text(base, "base") or _first_text(chat, "nudging")
+    if forced is None:
+        return RoundDecision((), "empty_round")
+    return RoundDecision((forced,), rule="forced_token")
 
 
 def ensemble_round(base: Completion, chat: Completion) -> RoundDecision:
@@ -98,10 +118,10 @@ def ensemble_round(base: Completion, chat: Completion) -> RoundDecision:
             continue
         pick = ensemble_choice(ours.top_logprobs or {}, theirs.top_logprobs or {})
         if _ends(pick, index, (base, chat)):
-            return RoundDecision(tuple(chosen), "eos_chosen")
+            return _decided(chosen, True, base, chat)
         chosen.append(Chosen(pick, _source(pick, ours)))
         break
-    return RoundDecision(tuple(chosen)) if chosen else _nothing_chosen(base)
+    return _decided(chosen, False, base, chat)
 
 
 def proxy_tuning_round(base: Completion, chat: Completion, chat_base: Completion) -> RoundDecision:
@@ -116,8 +136,8 @@ def proxy_tuning_round(base: Completion, chat: Completion, chat_base: Completion
         if pick is None:
             pick = token_key(ours)  # nothing shared: the base's own token, as in the paper
         if _ends(pick, index, (base, chat, chat_base)):
-            return RoundDecision(tuple(chosen), "eos_chosen")
+            return _decided(chosen, True, base, chat)
         chosen.append(Chosen(pick, _source(pick, ours)))
         if not all(token_key(token) == pick for token in tokens):
             break  # the models' next tokens were written after a different text
-    return RoundDecision(tuple(chosen)) if chosen else _nothing_chosen(base)
+    return _decided(chosen, False, base, chat)
