@@ -1,11 +1,15 @@
 """Where answers come from: the configured upstreams in this process, through the same core
-and request handling the server uses, or any OpenAI-compatible endpoint over HTTP."""
+and request handling the server uses, or any OpenAI-compatible endpoint over HTTP.
+
+Answers are asked for without the proxy's clean-up: the runner cleans them itself, so the
+text before clean-up (where the paper counts its nudging words) is known either way.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -20,12 +24,28 @@ from server.runs import generation_requests
 from .datasets import Sample
 
 
+Strategy = Literal["fast", "paper"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerOptions:
+    """What a run asks of the answerer besides the sample; None: the model's configuration."""
+
+    max_tokens: int | None = None
+    threshold: float | None = None
+    strategy: Strategy | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     output: str
     finish_reason: str | None
     # Provenance, when the answerer reports it (our proxy does; other servers do not).
     spans: list[dict[str, str]] | None = None
+    # Each round's nudging words, in order (the paper's `all_nudging_words`). In-process every
+    # nudging piece is one round's; an endpoint's report merges adjacent spans, so there two
+    # rounds without base text between them count as one.
+    round_nudging_words: list[str] | None = None
     rounds: int | None = None
     upstream_requests: dict[str, int] | None = None
     stop_reason: str | None = None
@@ -35,24 +55,26 @@ class Outcome:
 class Backend(Protocol):
     model: str
 
-    async def generate(self, sample: Sample, max_tokens: int | None, threshold: float | None) -> Outcome: ...
+    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome: ...
 
     async def aclose(self) -> None: ...
 
 
-def chat_body(model: str, sample: Sample, max_tokens: int | None, threshold: float | None) -> dict[str, Any]:
-    """The chat request for one sample: greedy, with the provenance extension asked for."""
-    options: dict[str, Any] = {"return_provenance": True}
-    if threshold is not None:
-        options["threshold"] = threshold
+def chat_body(model: str, sample: Sample, options: AnswerOptions) -> dict[str, Any]:
+    """The chat request for one sample: greedy, with provenance and without clean-up."""
+    nudging: dict[str, Any] = {"return_provenance": True, "cleanup": False}
+    if options.threshold is not None:
+        nudging["threshold"] = options.threshold
+    if options.strategy is not None:
+        nudging["strategy"] = options.strategy
     body: dict[str, Any] = {
         "model": model,
         "messages": sample.messages(),
         "temperature": 0,
-        "nudging": options,
+        "nudging": nudging,
     }
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
+    if options.max_tokens is not None:
+        body["max_tokens"] = options.max_tokens
     return body
 
 
@@ -67,8 +89,8 @@ class InProcessBackend:
         self._served = served
         self.model = model
 
-    async def generate(self, sample: Sample, max_tokens: int | None, threshold: float | None) -> Outcome:
-        request = parse_request(ChatCompletionRequest, chat_body(self.model, sample, max_tokens, threshold))
+    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
+        request = parse_request(ChatCompletionRequest, chat_body(self.model, sample, options))
         prompts = await chat_prompts(self._served, request)
         [generation_request] = generation_requests(self._served, request, prompts)
         generation = Generation(generation_request, self._served.pick_clients())
@@ -78,6 +100,7 @@ class InProcessBackend:
             output="".join(piece.text for piece in pieces),
             finish_reason=generation.finish_reason,
             spans=[{"text": span.text, "source": span.source} for span in merge_spans(pieces)],
+            round_nudging_words=[piece.text for piece in pieces if piece.source == "nudging"],
             rounds=stats.rounds,
             upstream_requests=dict(stats.upstream_requests),
             stop_reason=stats.stop_reason,
@@ -107,19 +130,21 @@ class EndpointBackend:
         )
         self.model = model
 
-    async def generate(self, sample: Sample, max_tokens: int | None, threshold: float | None) -> Outcome:
-        response = await self._http.post(
-            "chat/completions", json=chat_body(self.model, sample, max_tokens, threshold)
-        )
+    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
+        response = await self._http.post("chat/completions", json=chat_body(self.model, sample, options))
         if response.status_code >= 400:
             raise EndpointError(f"HTTP {response.status_code}: {response.text[:300]}")
         answer = response.json()
         choice = answer["choices"][0]
         report = choice.get("nudging") or {}
+        spans = report.get("spans")
         return Outcome(
             output=choice["message"]["content"] or "",
             finish_reason=choice.get("finish_reason"),
-            spans=report.get("spans"),
+            spans=spans,
+            round_nudging_words=(
+                [span["text"] for span in spans if span["source"] == "nudging"] if spans is not None else None
+            ),
             rounds=report.get("rounds"),
             upstream_requests=report.get("upstream_requests"),
             stop_reason=report.get("stop_reason"),

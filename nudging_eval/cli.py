@@ -21,9 +21,12 @@ from .datasets import DATASETS, Sample, load_samples
 from .judge import Judge
 from .report import markdown_table, named, plot_sweep, summarize, write_summary
 from .runner import RunSettings, SettingsMismatch, rescore, run_samples
+from .scoring import Scoring
 from .synthetic import SYNTHETIC, generate
 
 EXPERIMENTS = ("base_only", "nudging_only", "nudging", "proxy_tuning", "ensemble")
+STRATEGIES = ("fast", "paper")
+SCORINGS = ("ours", "paper")
 
 
 def _thresholds(value: str) -> list[float]:
@@ -67,6 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="synthetic tasks: generator seed")
     parser.add_argument("--concurrency", type=_positive, default=4, help="samples in flight")
     parser.add_argument("--threshold", type=_thresholds, help="γ, or a comma-separated sweep (nudging only)")
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, help="nudging's strategy (nudging only; default: the model's)"
+    )
+    parser.add_argument(
+        "--cleanup",
+        action=argparse.BooleanOptionalAction,
+        help="the paper's clean-up of repeated endings (default: on for --exp nudging, as the paper ran it)",
+    )
+    parser.add_argument(
+        "--scoring",
+        choices=SCORINGS,
+        default="ours",
+        help="ours: our extractors on the answer before any run-on; paper: the paper's rule on math sets",
+    )
     parser.add_argument("--max-tokens", type=_positive, help="answer budget (default: the model's)")
     parser.add_argument("--out", default="eval-runs", help="directory for results and summaries")
     parser.add_argument("--rerun", action="store_true", help="start afresh instead of resuming")
@@ -125,7 +142,8 @@ def _safe(name: str) -> str:
 
 def run_name(settings: RunSettings) -> str:
     threshold = f"-t{settings.threshold:g}" if settings.threshold is not None else ""
-    return f"{settings.dataset}-{settings.exp}-{_safe(settings.model)}{threshold}"
+    strategy = f"-{settings.strategy}" if settings.strategy is not None else ""
+    return f"{settings.dataset}-{settings.exp}-{_safe(settings.model)}{threshold}{strategy}"
 
 
 async def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -135,6 +153,10 @@ async def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError("a threshold sweep needs --exp nudging")
     if args.judge_endpoint and not args.judge_model:
         raise ValueError("--judge-endpoint needs --judge-model")
+    if args.strategy is not None and args.exp != "nudging":
+        raise ValueError("--strategy needs --exp nudging")
+    cleanup = args.exp == "nudging" if args.cleanup is None else args.cleanup
+    scoring: Scoring = args.scoring
     samples = _samples(args)
     config, model = _target(args)
     backend = None if args.rescore else _backend(args, config, model)
@@ -147,10 +169,12 @@ async def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     summaries = []
     try:
         for threshold in thresholds:
-            settings = RunSettings(args.dataset, args.exp, model, threshold, args.max_tokens)
+            settings = RunSettings(
+                args.dataset, args.exp, model, threshold, args.max_tokens, args.strategy, cleanup
+            )
             stem = out / run_name(settings)
             if backend is None:
-                records = rescore(samples, settings, named(stem, ".jsonl"))
+                records = rescore(samples, settings, named(stem, ".jsonl"), scoring)
             else:
                 records = await run_samples(
                     samples,
@@ -161,6 +185,7 @@ async def evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rerun=args.rerun,
                     judge=judge,
                     progress=not args.no_progress,
+                    scoring=scoring,
                 )
             summary = summarize(records)
             write_summary([summary], named(stem, ".summary"))

@@ -5,6 +5,10 @@ Prompts follow the paper's layout: a system prompt, then the question with its p
 ("Question: " or "Instruction: "), then the answer start ("" for every dataset). Rows are
 read with `datasets.load_dataset(hub_id, config, split=...)`, or from a local JSONL file of
 rows in the same schema (`--data`); `load_rows` is the one place rows come from.
+
+Splits are the ones the paper's command line used: its `run_api.py` passes `--split`
+(default `test`, which its README's commands keep) to every loader, overriding the loaders'
+own defaults. Where `test` cannot have been what ran, each spec says why it differs.
 """
 
 from __future__ import annotations
@@ -170,12 +174,13 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("gsm8k", "gsm8k", "main", "test", "number", _gsm8k),
         DatasetSpec("svamp", "ChilleD/SVAMP", None, "test", "number", _svamp),
         DatasetSpec("multiarith", "ChilleD/MultiArith", None, "test", "number", _multiarith),
-        DatasetSpec("mmlu", "cais/mmlu", "all", "validation", "choice", _mmlu),
-        DatasetSpec(
-            "arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "validation", "choice", _hub_choices
-        ),
+        DatasetSpec("mmlu", "cais/mmlu", "all", "test", "choice", _mmlu),
+        DatasetSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "choice", _hub_choices),
         DatasetSpec("strategyqa", "ChilleD/StrategyQA", None, "test", "true_false", _strategyqa),
+        # Its test split has no answer keys, on which the paper's loader fails: the paper's
+        # figures can only come from its loader's own default.
         DatasetSpec("csqa", "tau/commonsense_qa", None, "validation", "choice", _hub_choices),
+        # BIG-bench tasks have no test split ("default", "train", "validation"): as for csqa.
         DatasetSpec(
             "sports", "hails/bigbench", "sports_understanding_zero_shot", "default", "yes_no", _sports
         ),
@@ -184,6 +189,7 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "last_letter_concat", "ChilleD/LastLetterConcat", None, "test", "last_letters", _last_letters
         ),
+        # The paper's just-eval loader takes no split: always this one.
         DatasetSpec(
             "justeval",
             "re-align/just-eval-instruct",

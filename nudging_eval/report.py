@@ -45,6 +45,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     judge_scores = [r["judge"]["score"] if r.get("judge") else None for r in answered]
     return {
         **settings,
+        "scoring": answered[0].get("scoring") if answered else None,
         "samples": len(records),
         "errors": len(records) - len(answered),
         "scored": len(scored),
@@ -55,6 +56,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "answer_found_rate": _mean([float(r["extracted"] is not None) for r in scored]),
         "judge_score": _mean(judge_scores),
         "nudging_word_ratio": _mean([r["nudging_word_ratio"] for r in answered]),
+        # The paper's count: before clean-up, without each answer's last nudging words.
+        "paper_nudging_word_ratio": _mean([r.get("paper_nudging_word_ratio") for r in answered]),
         "ended_rate": _mean([float(r["ended"]) for r in answered]),
         "clean_rate": _mean([float(not r["ran_on"]) for r in answered]),
         "mean_rounds": _mean([r["rounds"] for r in answered]),
@@ -83,6 +86,7 @@ COLUMNS = (
     ("accuracy_ci95", "95% CI", True),
     ("answer_found_rate", "answer found", True),
     ("nudging_word_ratio", "nudging words", True),
+    ("paper_nudging_word_ratio", "nudging words (paper)", True),
     ("ended_rate", "ended", True),
     ("clean_rate", "no run-on", True),
     ("mean_rounds", "rounds", False),

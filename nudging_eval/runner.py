@@ -2,7 +2,12 @@
 
 A run is resumable: records already in its file are kept and their samples skipped (a
 record of a failed sample is retried), unless `rerun` starts the file afresh. Every record
-carries the run's settings, so a file is never resumed with different ones.
+carries the run's settings, so a file is never resumed with different ones; a kept record
+scored by other rules is scored again.
+
+With `cleanup` the answer is cleaned here as the paper cleaned nudged answers (strip, then
+drop repeated suffixes); the record keeps the text before (`raw_output`), where the paper
+counts its nudging words.
 """
 
 from __future__ import annotations
@@ -11,16 +16,18 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from nudging_core.nudging.rules import clean_repetitions
 from nudging_core.provenance import Span, nudging_word_ratio
 
-from .backends import Backend, Outcome
+from .backends import AnswerOptions, Backend, Outcome, Strategy
 from .datasets import Sample
 from .judge import Judge
-from .scoring import ran_on, score
+from .paper_rules import paper_nudging_word_ratio
+from .scoring import Scoring, ran_on, score_sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +37,11 @@ class RunSettings:
     model: str
     threshold: float | None
     max_tokens: int | None
+    strategy: Strategy | None = None  # None: the model's configured strategy
+    cleanup: bool = False
+
+    def answer_options(self) -> AnswerOptions:
+        return AnswerOptions(self.max_tokens, self.threshold, self.strategy)
 
 
 class SettingsMismatch(ValueError):
@@ -60,46 +72,108 @@ def checked_records(path: Path, settings: RunSettings) -> list[dict[str, Any]]:
     return records
 
 
+def clip_spans(spans: list[dict[str, str]], start: int, end: int) -> list[dict[str, str]]:
+    """The spans of the text's characters start..end."""
+    clipped, offset = [], 0
+    for span in spans:
+        span_start, offset = offset, offset + len(span["text"])
+        text = span["text"][max(0, start - span_start) : max(0, end - span_start)]
+        if text:
+            clipped.append({**span, "text": text})
+    return clipped
+
+
+def cleaned(outcome: Outcome) -> Outcome:
+    """The answer after the paper's clean-up, its spans cut to match."""
+    raw = outcome.output
+    text = clean_repetitions(raw)
+    start = len(raw) - len(raw.lstrip())  # the clean-up strips first, then cuts only the end
+    spans = clip_spans(outcome.spans, start, start + len(text)) if outcome.spans is not None else None
+    return replace(outcome, output=text, spans=spans)
+
+
+def _our_ratio(spans: list[dict[str, str]] | None) -> float | None:
+    if spans is None:
+        return None
+    return nudging_word_ratio(Span(s["text"], "nudging" if s["source"] == "nudging" else "base") for s in spans)
+
+
+def _paper_ratio(settings: RunSettings, raw: Outcome) -> float | None:
+    # The paper recorded nudging words for nudging runs only.
+    if settings.exp != "nudging" or raw.round_nudging_words is None:
+        return None
+    return paper_nudging_word_ratio(raw.output, raw.round_nudging_words)
+
+
+def _scores(sample: Sample, output: str, scoring: Scoring, verdict: dict[str, Any] | None) -> dict[str, Any]:
+    scored = score_sample(sample, output, scoring)
+    judged = (verdict or {}).get("correct")
+    return {
+        "scoring": scoring,
+        "extracted": scored.extracted,
+        "correct": scored.correct if judged is None else judged,  # the judge decides where it was asked
+        "rule_correct": scored.correct,
+        "ran_on": ran_on(output),
+    }
+
+
+def final_answer(raw: Outcome, settings: RunSettings) -> Outcome:
+    return cleaned(raw) if settings.cleanup else raw
+
+
 def make_record(
-    sample: Sample, settings: RunSettings, outcome: Outcome, latency: float, verdict: dict[str, Any] | None
+    sample: Sample,
+    settings: RunSettings,
+    raw: Outcome,
+    latency: float,
+    verdict: dict[str, Any] | None,
+    scoring: Scoring = "ours",
 ) -> dict[str, Any]:
-    scored = score(sample.answer_type, outcome.output, sample.gold, sample.choices)
-    spans = outcome.spans
-    correct = scored.correct
-    if verdict is not None and verdict.get("correct") is not None:
-        correct = verdict["correct"]  # the judge decides where it was asked
+    """The record of one answer; `raw` is the answer as generated, before any clean-up."""
+    answer = final_answer(raw, settings)
     return {
         "id": sample.id,
         "settings": asdict(settings),
         "messages": sample.messages(),
-        "output": outcome.output,
+        "output": answer.output,
+        "raw_output": raw.output,
         "gold": sample.gold,
         "reference": sample.reference,
-        "extracted": scored.extracted,
-        "correct": correct,
-        "rule_correct": scored.correct,
+        **_scores(sample, answer.output, scoring, verdict),
         "judge": verdict,
-        "finish_reason": outcome.finish_reason,
-        "stop_reason": outcome.stop_reason,
+        "finish_reason": answer.finish_reason,
+        "stop_reason": answer.stop_reason,
         # Judge-free format: ended by itself within the budget; did not run on into a new turn.
-        "ended": outcome.finish_reason == "stop",
-        "ran_on": ran_on(outcome.output),
-        "spans": spans,
-        "nudging_words": [s["text"] for s in spans if s["source"] == "nudging"]
-        if spans is not None
-        else None,
-        "nudging_word_ratio": (
-            nudging_word_ratio(
-                Span(s["text"], "nudging" if s["source"] == "nudging" else "base") for s in spans
-            )
-            if spans is not None
-            else None
-        ),
-        "rounds": outcome.rounds,
-        "upstream_requests": outcome.upstream_requests,
-        "completion_tokens": outcome.completion_tokens,
+        "ended": answer.finish_reason == "stop",
+        "spans": answer.spans,
+        "nudging_words": raw.round_nudging_words,
+        "nudging_word_ratio": _our_ratio(answer.spans),
+        "paper_nudging_word_ratio": _paper_ratio(settings, raw),
+        "rounds": answer.rounds,
+        "upstream_requests": answer.upstream_requests,
+        "completion_tokens": answer.completion_tokens,
         "latency_s": round(latency, 4),
     }
+
+
+def scored_again(
+    records: Sequence[dict[str, Any]], samples: Sequence[Sample], scoring: Scoring
+) -> list[dict[str, Any]]:
+    """The records with their stored outputs scored by `scoring` (a judge's verdict still
+    decides); records of failed or unknown samples as they are."""
+    wanted = {sample.id: sample for sample in samples}
+    return [
+        {**r, **_scores(wanted[r["id"]], r["output"], scoring, r.get("judge"))}
+        if r["id"] in wanted and "error" not in r
+        else r
+        for r in records
+    ]
+
+
+def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    rewritten = path.with_name(path.name + ".tmp")
+    rewritten.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    rewritten.replace(path)  # whole or not at all
 
 
 def error_record(sample: Sample, settings: RunSettings, error: BaseException) -> dict[str, Any]:
@@ -116,12 +190,17 @@ async def run_samples(
     rerun: bool = False,
     judge: Judge | None = None,
     progress: bool = True,
+    scoring: Scoring = "ours",
 ) -> list[dict[str, Any]]:
     """Records of every sample, in the samples' order (resumed ones read from `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if rerun and path.exists():
         path.unlink()
-    kept = {record["id"]: record for record in checked_records(path, settings) if "error" not in record}
+    records = checked_records(path, settings)
+    if any(r.get("scoring") != scoring for r in records if "error" not in r):
+        records = scored_again(records, samples, scoring)
+        write_records(path, records)
+    kept = {record["id"]: record for record in records if "error" not in record}
     todo = [sample for sample in samples if sample.id not in kept]
     from tqdm import tqdm  # type: ignore[import-untyped]  # the eval extra, not needed to build the CLI
 
@@ -140,13 +219,13 @@ async def run_samples(
         async with slots:
             started = time.perf_counter()
             try:
-                outcome = await backend.generate(sample, settings.max_tokens, settings.threshold)
+                outcome = await backend.generate(sample, settings.answer_options())
                 latency = time.perf_counter() - started
                 verdict = None
                 if judge is not None:
-                    judged = await judge.verdict(settings.dataset, sample, outcome.output)
-                    verdict = asdict(judged)
-                record = make_record(sample, settings, outcome, latency, verdict)
+                    answer = final_answer(outcome, settings).output
+                    verdict = asdict(await judge.verdict(settings.dataset, sample, answer))
+                record = make_record(sample, settings, outcome, latency, verdict, scoring)
             except Exception as error:  # recorded, and retried by the next resume
                 record = error_record(sample, settings, error)
         results.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -163,28 +242,16 @@ async def run_samples(
     return [done[sample.id] for sample in samples if sample.id in done]
 
 
-def rescore(samples: Sequence[Sample], settings: RunSettings, path: Path) -> list[dict[str, Any]]:
-    """A results file scored again by the current rules, without generating anything: the
-    outputs stay, `extracted`, `rule_correct`, `ran_on` and `correct` are recomputed (a judge's
-    verdict still decides `correct`). Records of the samples, in their order."""
+def rescore(
+    samples: Sequence[Sample], settings: RunSettings, path: Path, scoring: Scoring = "ours"
+) -> list[dict[str, Any]]:
+    """A results file scored again by `scoring`, without generating anything: the outputs
+    stay, the scores and `ran_on` are recomputed (a judge's verdict still decides `correct`).
+    Records of the samples, in their order."""
     records = checked_records(path, settings)
     if not records:
         raise ValueError(f"{path} holds no results to rescore")
-    wanted = {sample.id: sample for sample in samples}
-    for record in records:
-        sample = wanted.get(record["id"])
-        if sample is None or "error" in record:
-            continue
-        scored = score(sample.answer_type, record["output"], sample.gold, sample.choices)
-        judged = (record.get("judge") or {}).get("correct")
-        record.update(
-            extracted=scored.extracted,
-            rule_correct=scored.correct,
-            correct=scored.correct if judged is None else judged,
-            ran_on=ran_on(record["output"]),
-        )
-    rewritten = path.with_name(path.name + ".tmp")
-    rewritten.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    rewritten.replace(path)  # whole or not at all
+    records = scored_again(records, samples, scoring)
+    write_records(path, records)
     by_id = {record["id"]: record for record in records}
     return [by_id[sample.id] for sample in samples if sample.id in by_id]

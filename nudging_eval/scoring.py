@@ -1,17 +1,23 @@
 """Judge-free scoring: rule-based answer extraction and format metrics.
 
 The paper judged most datasets with an LLM (rule-based only for the math sets); here every
-answer type has an extractor, and `judge.py` is the optional LLM judge. Extraction reads the
-answer up to where it runs on into a new question or turn (a base model often writes the
-next exam question after its answer; its numbers are not the answer).
+answer type has an extractor (`ours`), and `judge.py` is the optional LLM judge. Extraction
+reads the answer up to where it runs on into a new question or turn (a base model often
+writes the next exam question after its answer; its numbers are not the answer). Scoring
+`paper` applies the paper's own math rule (`paper_rules.py`) to the math sets instead and
+ours elsewhere, where the paper asked its judge.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
-from .datasets import AnswerType
+from .datasets import AnswerType, Sample
+from .paper_rules import paper_last_number, paper_math_correct
+
+Scoring = Literal["ours", "paper"]
 
 # A new question or chat turn the model started writing by itself.
 RUN_ON = re.compile(
@@ -150,3 +156,9 @@ def score(answer_type: AnswerType, output: str, gold: str, labels: tuple[str, ..
         return Score(None, None)
     extracted = extract(answer_type, answer_part(output), labels)
     return Score(extracted, extracted is not None and _same(answer_type, extracted, gold))
+
+
+def score_sample(sample: Sample, output: str, scoring: Scoring) -> Score:
+    if scoring == "paper" and sample.answer_type == "number":
+        return Score(paper_last_number(output), paper_math_correct(output, sample.reference))
+    return score(sample.answer_type, output, sample.gold, sample.choices)

@@ -113,7 +113,17 @@ def test_the_hub_is_asked_for_the_papers_dataset_and_split(monkeypatch: pytest.M
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert len(load_rows(DATASETS["arc_challenge"])) == 2
     load_rows(DATASETS["gsm8k"], split="train")
-    assert asked == [("allenai/ai2_arc", "ARC-Challenge", "validation"), ("gsm8k", "main", "train")]
+    assert asked == [("allenai/ai2_arc", "ARC-Challenge", "test"), ("gsm8k", "main", "train")]
+
+
+def test_splits_are_the_papers_command_lines() -> None:
+    # run_api.py's --split defaults to "test" and overrides every loader's own default, except
+    # where that split has no labels or does not exist (csqa, BIG-bench) or is not asked for.
+    not_test = {"csqa": "validation", "sports": "default", "date": "default",
+                "justeval": "gpt_3.5_turbo_0301", "justeval_safe": "gpt_3.5_turbo_0301"}
+    assert {name: spec.split for name, spec in DATASETS.items()} == {
+        name: not_test.get(name, "test") for name in DATASETS
+    }
 
 
 def test_rows_in_another_schema_are_refused_by_name(tmp_path: Path) -> None:

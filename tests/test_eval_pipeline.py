@@ -20,7 +20,8 @@ import pytest
 import yaml
 from fastapi import FastAPI, Request
 
-from nudging_eval.backends import Backend, InProcessBackend, Outcome
+from nudging_core.nudging.rules import clean_repetitions
+from nudging_eval.backends import AnswerOptions, Backend, InProcessBackend, Outcome
 from nudging_eval.cli import EXPERIMENTS, add_arguments, evaluate, main, run_name
 from nudging_eval.datasets import Sample
 from nudging_eval.runner import RunSettings, read_records, run_samples
@@ -124,7 +125,16 @@ def check_record(record: dict[str, Any], sample: Sample, exp: str) -> None:
     assert record["messages"][1]["content"] == "Question: " + sample.question
     assert record["correct"] == score(sample.answer_type, record["output"], sample.gold).correct
     assert "".join(span["text"] for span in record["spans"]) == record["output"]
-    assert record["nudging_words"] == [s["text"] for s in record["spans"] if s["source"] == "nudging"]
+    cleaned = exp == "nudging"  # the default: as the paper ran it
+    assert record["output"] == (clean_repetitions(record["raw_output"]) if cleaned else record["raw_output"])
+    assert record["settings"]["cleanup"] is cleaned
+    if exp == "nudging":
+        # One entry per round that wrote nudging words, all of them in the text before clean-up.
+        assert 0 < len(record["nudging_words"]) <= record["rounds"]
+        assert all(words in record["raw_output"] for words in record["nudging_words"])
+        assert record["paper_nudging_word_ratio"] is not None
+    else:
+        assert record["paper_nudging_word_ratio"] is None
     requests = record["upstream_requests"]
     assert ROLES[exp] <= set(requests) and {role for role, count in requests.items() if count} <= ROLES[exp]
     assert sum(requests.values()) > 0
@@ -172,12 +182,12 @@ class StallsAfter(Backend):
         self.inner, self.model, self.left = inner, inner.model, count
         self.stalled = asyncio.Event()
 
-    async def generate(self, sample: Sample, max_tokens: int | None, threshold: float | None) -> Outcome:
+    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
         if self.left == 0:
             self.stalled.set()
             await asyncio.Event().wait()
         self.left -= 1
-        return await self.inner.generate(sample, max_tokens, threshold)
+        return await self.inner.generate(sample, options)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -185,7 +195,7 @@ class StallsAfter(Backend):
 
 def test_an_interrupted_run_resumes_where_it_stopped(stack: Stack, tmp_path: Path) -> None:
     samples = generate("synthetic_coin_flip", 6)
-    settings = RunSettings("synthetic_coin_flip", "nudging", "nudged", None, 30)
+    settings = RunSettings("synthetic_coin_flip", "nudging", "nudged", None, 30, cleanup=True)
     path = tmp_path / f"{run_name(settings)}.jsonl"
 
     async def interrupted() -> None:
@@ -331,16 +341,20 @@ def test_threshold_sweep_writes_summaries_and_a_plot(stack: Stack, tmp_path: Pat
         )
 
 
-def judge_app() -> FastAPI:
-    """A judge that calls an answer correct when it contains the gold answer's text."""
+def judge_app(asked: list[dict[str, Any]] | None = None) -> FastAPI:
+    """A judge that calls an answer correct when it contains the gold answer's text; the
+    request bodies go to `asked`."""
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request) -> dict[str, Any]:
-        prompt = (await request.json())["messages"][0]["content"]
-        if "Gold answer:" in prompt:
-            answer = prompt.split("Model's answer:\n")[1].split("\n\nGold answer:")[0]
-            gold = prompt.split("Gold answer:\n")[1].split("\n\n")[0]
+        body = await request.json()
+        if asked is not None:
+            asked.append(body)
+        prompt = body["messages"][-1]["content"]
+        if "## Gold answer:" in prompt:
+            answer = prompt.split("## Model's answer:\n")[1].split("\n\n## Gold answer:")[0]
+            gold = prompt.split("## Gold answer:\n")[1].split("\n\n## Evaluation")[0]
             content = json.dumps({"reason": "r", "correct": int(gold.lower() in answer.lower())})
         else:
             content = json.dumps({"safety": {"reason": "r", "score": 4}})
@@ -389,7 +403,8 @@ def test_the_cli_subcommand_on_hub_rows_with_a_judge(stack: Stack, tmp_path: Pat
 
 
 def test_the_judge_decides_correctness_where_asked(stack: Stack, tmp_path: Path) -> None:
-    with running(judge_app()) as judge:
+    asked: list[dict[str, Any]] = []
+    with running(judge_app(asked)) as judge:
         [summary] = asyncio.run(
             evaluate(
                 eval_args(
@@ -417,6 +432,14 @@ def test_the_judge_decides_correctness_where_asked(stack: Stack, tmp_path: Path)
         assert record["correct"] == record["judge"]["correct"]
         assert record["judge"]["correct"] == (record["reference"].lower() in record["output"].lower())
     check_summary_against_records(summary, records)
+    # The paper's request: its JSON system message and reply format, the bare question.
+    questions = {record["messages"][1]["content"].removeprefix("Question: ") for record in records}
+    for body in asked:
+        system, user = body["messages"]
+        assert system == {"role": "system", "content": "You are a helpful assistant designed to output JSON."}
+        assert body["response_format"] == {"type": "json_object"}
+        assert user["content"].split("## Question:\n")[1].split("\n\n## Model's answer:")[0] in questions
+    assert len(asked) == len(records)
 
 
 def test_bad_invocations_exit_with_a_message(stack: Stack, tmp_path: Path) -> None:
