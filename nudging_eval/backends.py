@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import httpx
 
 from nudging_core.generation import Generation
+from nudging_core.nudging import Strategy
 from nudging_core.provenance import merge_spans
 from server.config import Config
 from server.prompts import chat_prompts
@@ -23,8 +24,6 @@ from server.runs import generation_requests
 
 from .datasets import Sample
 
-
-Strategy = Literal["fast", "paper"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,9 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from nudging_core.nudging import Strategy
 from server.config import Config, ConfigError, load_config
 
 from .backends import Backend, EndpointBackend, InProcessBackend
@@ -25,7 +26,7 @@ from .scoring import Scoring
 from .synthetic import SYNTHETIC, generate
 
 EXPERIMENTS = ("base_only", "nudging_only", "nudging", "proxy_tuning", "ensemble")
-STRATEGIES = ("fast", "paper")
+STRATEGIES = get_args(Strategy)
 SCORINGS = ("ours", "paper")
 
 

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from nudging_core.nudging.rules import clean_repetitions
+from nudging_core.nudging import Strategy, cleaned_bounds
 from nudging_core.provenance import Span, nudging_word_ratio
 
-from .backends import AnswerOptions, Backend, Outcome, Strategy
+from .backends import AnswerOptions, Backend, Outcome
 from .datasets import Sample
 from .judge import Judge
 from .paper_rules import paper_nudging_word_ratio
@@ -85,11 +85,9 @@ def clip_spans(spans: list[dict[str, str]], start: int, end: int) -> list[dict[s
 
 def cleaned(outcome: Outcome) -> Outcome:
     """The answer after the paper's clean-up, its spans cut to match."""
-    raw = outcome.output
-    text = clean_repetitions(raw)
-    start = len(raw) - len(raw.lstrip())  # the clean-up strips first, then cuts only the end
-    spans = clip_spans(outcome.spans, start, start + len(text)) if outcome.spans is not None else None
-    return replace(outcome, output=text, spans=spans)
+    start, end = cleaned_bounds(outcome.output)
+    spans = clip_spans(outcome.spans, start, end) if outcome.spans is not None else None
+    return replace(outcome, output=outcome.output[start:end], spans=spans)
 
 
 def _our_ratio(spans: list[dict[str, str]] | None) -> float | None:

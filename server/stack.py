@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from urllib.parse import urlsplit
@@ -45,33 +45,31 @@ Launcher = Callable[[int, UpstreamConfig], list[str]]
 DownReporter = Callable[[str, str | None], None]
 
 
+def _local_endpoints(config: Config) -> Iterator[tuple[int, UpstreamConfig, str]]:
+    """(port, upstream, URL) for every URL of the config on this machine."""
+    for model in config.models:
+        for upstream in (model.base, model.nudging, model.nudging_base):
+            if upstream is None:
+                continue
+            for url in upstream.endpoints:
+                parts = urlsplit(url)
+                if parts.hostname in LOCAL_HOSTS and parts.port is not None:
+                    yield parts.port, upstream, url
+
+
 def local_upstreams(config: Config) -> dict[int, UpstreamConfig]:
     """Port -> upstream, for every upstream of the config on this machine."""
     upstreams: dict[int, UpstreamConfig] = {}
-    for model in config.models:
-        present = [u for u in (model.base, model.nudging, model.nudging_base) if u is not None]
-        for upstream in present:
-            for url in upstream.endpoints:
-                parts = urlsplit(url)
-                if parts.hostname not in LOCAL_HOSTS or parts.port is None:
-                    continue
-                known = upstreams.setdefault(parts.port, upstream)
-                if known.model != upstream.model:
-                    raise ConfigError(
-                        f"port {parts.port} is given two models: {known.model}, {upstream.model}"
-                    )
+    for port, upstream, _url in _local_endpoints(config):
+        known = upstreams.setdefault(port, upstream)
+        if known.model != upstream.model:
+            raise ConfigError(f"port {port} is given two models: {known.model}, {upstream.model}")
     return upstreams
 
 
 def local_urls(config: Config, port: int) -> set[str]:
     """Every URL of the config that names the local upstream on `port`."""
-    return {
-        url
-        for model in config.models
-        for upstream in (model.base, model.nudging, model.nudging_base) if upstream is not None
-        for url in upstream.endpoints
-        if urlsplit(url).hostname in LOCAL_HOSTS and urlsplit(url).port == port
-    }
+    return {url for at, _upstream, url in _local_endpoints(config) if at == port}
 
 
 def simulator_launcher(time_scale: float) -> Launcher:

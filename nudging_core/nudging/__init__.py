@@ -11,16 +11,15 @@ from nudging_core.types import Piece
 from .context import NudgingContext, NudgingParams, Strategy
 from .fast import generate_fast
 from .paper import generate_paper
-from .rules import clean_repetitions
+from .rules import cleaned_bounds
 
-__all__ = ["NudgingContext", "NudgingParams", "Strategy", "nudge", "cleaned_pieces"]
+__all__ = ["NudgingContext", "NudgingParams", "Strategy", "nudge", "cleaned_bounds", "cleaned_pieces"]
 
 
 def cleaned_pieces(pieces: list[Piece]) -> list[Piece]:
     """Step 8 on a finished generation: keep the span of text the clean-up keeps."""
     text = "".join(piece.text for piece in pieces)
-    start = len(text) - len(text.lstrip())
-    end = start + len(clean_repetitions(text))
+    start, end = cleaned_bounds(text)
     kept: list[Piece] = []
     offset = 0
     for piece in pieces:

@@ -95,6 +95,12 @@ def repeated_suffix_length(text: str) -> int:
     return found
 
 
+def cleaned_bounds(text: str) -> tuple[int, int]:
+    """Where the clean-up's text lies in `text`: it strips, then only cuts the end."""
+    start = len(text) - len(text.lstrip())
+    return start, start + len(clean_repetitions(text))
+
+
 def clean_repetitions(text: str) -> str:
     """The paper's clean-up: strip, then drop repeated suffixes while the search finds one."""
     text = text.strip()
