@@ -631,12 +631,15 @@ def test_a_crashed_model_process_is_reported_and_restarted(demo: Demo) -> None:
                                        max_tokens=8)
     assert failed.value.status_code == 502
     assert "its local process 'smollm' was killed by SIGSEGV" in str(failed.value)
+    # The supervisor marks the replica up and then logs it: wait for both.
+    back = "the upstream 'smollm' is back"
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
-        if httpx.get(demo.proxy + "/ready", timeout=30).status_code == 200:
+        if (httpx.get(demo.proxy + "/ready", timeout=30).status_code == 200
+                and back in demo.log.read_text(errors="replace")):
             break
         time.sleep(0.5)
-    assert "the upstream 'smollm' is back" in demo.log.read_text(errors="replace")
+    assert back in demo.log.read_text(errors="replace")
     reply = sdk(demo).chat.completions.create(model="smollm-instruct", messages=messages(QUESTION),
                                               max_tokens=8)
     assert reply.choices[0].message.content
