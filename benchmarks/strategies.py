@@ -4,7 +4,10 @@ Starts two simulators (base, aligned) with their fixed latency model and a proxy
 same chat requests through the proxy for each method, and prints means and ratios. Each
 nudged answer's token count is the budget of its `base_only` twin, so `base_only` is the
 limit: the base model alone writing as many tokens. Repeats the run for per-request
-overheads of 1, 3 (the default) and 10 ms. Prints figures; asserts nothing.
+overheads of 1, 3 (the default) and 10 ms. Then, at the default overhead, one request
+where the base loops confidently: the paper's own prompt layout for "List three colors of the
+rainbow.", γ 0.3, `max_tokens` 4000, where `paper`'s chunk guards end the base's continuation.
+Prints figures; asserts nothing.
 
     python benchmarks/strategies.py [--requests 10] [--max-tokens 200] [--concurrency 10]
 """
@@ -39,6 +42,10 @@ QUESTIONS = [
     "How do solar panels produce electricity?",
 ]
 OVERHEADS_MS = (1.0, 3.0, 10.0)
+# The paper's layouts of a reasoning question: plain for the base, chatml for the nudger.
+LOOPING_SYSTEM = "Answer the question by walking through the reasoning steps."
+LOOPING_QUESTION = "List three colors of the rainbow."
+LOOPING_BUDGET = 4000
 
 
 def _start(command: list[str]) -> subprocess.Popen[bytes]:
@@ -78,7 +85,7 @@ async def _one(client: httpx.AsyncClient, model: str, question: str, max_tokens:
     report = body["choices"][0].get("nudging") or {}
     requests = sum(report.get("upstream_requests", {}).values()) if report else 1
     return {"wall": time.perf_counter() - started, "requests": requests,
-            "tokens": body["usage"]["completion_tokens"]}
+            "tokens": body["usage"]["completion_tokens"], "held": report.get("held_tokens", 0)}
 
 
 async def _run_method(proxy: str, model: str, budgets: list[int], questions: list[str],
@@ -95,7 +102,33 @@ def _summary(name: str, results: list[dict[str, Any]]) -> tuple[str, float]:
     wall = statistics.mean(r["wall"] for r in results)
     requests = statistics.mean(r["requests"] for r in results)
     tokens = statistics.mean(r["tokens"] for r in results)
-    return f"  {name:<10} mean wall {wall:7.2f} s   upstream requests {requests:6.1f}   tokens {tokens:6.1f}", wall
+    held = statistics.mean(r["held"] for r in results)
+    return (f"  {name:<10} mean wall {wall:7.2f} s   upstream requests {requests:6.1f}   tokens {tokens:6.1f}"
+            f"   held tokens {held:5.1f}"), wall
+
+
+async def _looping(proxy: str) -> None:
+    """The base loops: each strategy's time, tokens and ending on one long request."""
+    base_prompt = f"{LOOPING_SYSTEM}\nQuestion: {LOOPING_QUESTION}\n"
+    nudging_prompt = (f"<|im_start|>system\n{LOOPING_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+                      f"Question: {LOOPING_QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+    print(f"a looping base: {LOOPING_QUESTION!r} in the paper's layout, threshold 0.3, "
+          f"max_tokens {LOOPING_BUDGET}:")
+    async with httpx.AsyncClient(base_url=proxy, timeout=600) as client:
+        for model in ("paper", "fast", "base_only"):
+            started = time.perf_counter()
+            body: dict[str, Any] = {"model": model, "prompt": base_prompt, "max_tokens": LOOPING_BUDGET}
+            if model != "base_only":
+                body["nudging"] = {"threshold": 0.3, "nudging_prompt": nudging_prompt, "return_provenance": True}
+            response = await client.post("/v1/completions", json=body)
+            response.raise_for_status()
+            answer = response.json()
+            choice = answer["choices"][0]
+            report = choice.get("nudging") or {}
+            print(f"  {model:<10} wall {time.perf_counter() - started:7.2f} s   tokens "
+                  f"{answer['usage']['completion_tokens']:5}   characters {len(choice['text']):6}   "
+                  f"finish {choice['finish_reason']:<6}   held tokens {report.get('held_tokens', 0)}",
+                  flush=True)
 
 
 async def _measure(proxy: str, args: argparse.Namespace) -> dict[str, float]:
@@ -142,6 +175,8 @@ def main() -> None:
             label = " (default)" if overhead == 3.0 else ""
             print(f"per-request overhead {overhead:g} ms{label}:")
             asyncio.run(_measure(f"http://127.0.0.1:{ports['proxy']}", args))
+            if overhead == 3.0:
+                asyncio.run(_looping(f"http://127.0.0.1:{ports['proxy']}"))
         finally:
             for process in processes:
                 process.terminate()

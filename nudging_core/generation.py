@@ -16,12 +16,13 @@ from nudging_core.baselines import BaselineContext, generate_baseline
 from nudging_core.calls import RoleCaller
 from nudging_core.nudging import NudgingContext, NudgingParams, nudge
 from nudging_core.stopping import Budget, StopFilter
-from nudging_core.types import FinishReason, GenerationStats, Piece, Role, SamplingParams, Source
+from nudging_core.types import FinishReason, GenerationStats, Piece, Role, SamplingParams, Source, StopReason
 from nudging_core.upstream import ContextFull, ContextOverflow, UpstreamClient
 
 Method = Literal["nudging", "base_only", "nudging_only", "proxy_tuning", "ensemble"]
 PASSTHROUGH_ROLE: dict[str, Source] = {"base_only": "base", "nudging_only": "nudging"}
-LENGTH_REASONS = frozenset({"length", "context_length"})
+UPSTREAM_STOP: dict[Source, StopReason] = {"base": "base_stop", "nudging": "nudging_stop"}
+LENGTH_REASONS: frozenset[StopReason] = frozenset({"length", "context_length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,4 +163,4 @@ class Generation:
                     yield piece
             finish_reason = stream.finish_reason
             self._upstream_completion_tokens = stream.completion_tokens
-        self.stats.stop_reason = f"{role}_stop" if finish_reason == "stop" else "length"
+        self.stats.stop_reason = UPSTREAM_STOP[role] if finish_reason == "stop" else "length"

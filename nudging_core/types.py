@@ -107,21 +107,48 @@ def piece_from_prefix(tokens: tuple[Token, ...] | list[Token], length: int, sour
 
 FinishReason = Literal["stop", "length"]
 
+# The decisions of nudging (docs/algorithm.md) a generation counts, by the step that makes them.
+NudgingRule = Literal[
+    # steps 2-4: the lookahead and the takeover
+    "nudger_stop", "space_prefix", "one_word", "newline_in_word", "empty_word_skipped",
+    "takeover", "takeover_after_first_word", "no_takeover",
+    # steps 5-6: repetition, an empty probe
+    "repeated_nudging_words", "empty_probe",
+    # step 7: the base continuation and its chunk guards
+    "chunk_empty", "chunk_repeats", "chunk_copies_output", "uncertain_token", "base_stop",
+    "budget_in_continuation",
+    # the round limit, step 8
+    "round_limit", "cleanup",
+]
+# The baselines' decisions, and why a baseline generation ended.
+BaselineRule = Literal["end_pick_dropped", "forced_token"]
+BaselineEnd = Literal["nudging_model_stop", "empty_round"]
+Rule = NudgingRule | BaselineRule | BaselineEnd
+# Why a generation ended, as the `nudging` extension reports it.
+StopReason = Literal[
+    "length", "context_length", "stop_string", "round_limit", "nudging_model_stop",
+    "repeated_nudging_words", "empty_round", "base_stop", "nudging_stop",
+]
+
 
 @dataclass(slots=True)
 class GenerationStats:
     """What one generation did; reported in the `nudging` response extension."""
 
     rounds: int = 0
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
     upstream_requests: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
     cancelled_requests: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
     upstream_tokens: dict[str, int] = field(default_factory=lambda: {"base": 0, "nudging": 0})
-    rules: dict[str, int] = field(default_factory=dict)
+    rules: dict[Rule, int] = field(default_factory=dict)
     # The prompt size each role's upstream first reported.
     prompt_tokens: dict[str, int] = field(default_factory=dict)
+    # `fast` holds back base tokens while a chunk guard may still drop them: how many, and
+    # for how many later tokens each waited (summed).
+    held_tokens: int = 0
+    held_token_delay: int = 0
 
-    def fire(self, rule: str) -> None:
+    def fire(self, rule: Rule) -> None:
         self.rules[rule] = self.rules.get(rule, 0) + 1
 
     def track(self, role: Role) -> None:

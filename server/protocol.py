@@ -336,6 +336,8 @@ class NudgingReport(_ResponseModel):
     nudging_word_ratio: float = 0.0
     rounds: int = 0
     upstream_requests: dict[str, int] = Field(default_factory=dict)
+    # `fast`: base tokens held back while a chunk guard could still drop them.
+    held_tokens: int = 0
     stop_reason: str | None = None
     fallback: Literal["base_only"] | None = None
     fallback_reason: str | None = None

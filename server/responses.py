@@ -72,6 +72,7 @@ def provenance_report(run: ChoiceRun) -> NudgingReport:
         nudging_word_ratio=nudging_word_ratio(spans),
         rounds=stats.rounds,
         upstream_requests=dict(stats.upstream_requests),
+        held_tokens=stats.held_tokens,
         stop_reason=stats.stop_reason,
         fallback="base_only" if run.fallback_reason is not None else None,
         fallback_reason=run.fallback_reason,

@@ -69,9 +69,6 @@ STARTUP_SECONDS = 240
 MAX_TOKENS = 48  # fast vs paper
 SDK_TOKENS = 32  # the SDK checks
 THRESHOLD = 0.3  # configs/demo.yaml's threshold for gemma-nudged
-# Step-7 guards that only `paper` has (they inspect whole 16-token chunks) and that change
-# the text; chunk_empty adds nothing either way.
-TEXT_CHANGING_GUARDS = ("chunk_repeats", "chunk_copies_output")
 # llama.cpp's batch-dependent rounding moves these models' logprobs by up to ~0.1 (measured
 # in tests/test_local_upstream.py; the nudger's first token can move more, ~0.25): a
 # decision closer than this to its threshold, or a top-1 closer than this to the top-2,
@@ -94,8 +91,9 @@ QUESTIONS = [
 # Observed on this machine (2 cores, one thread per model), these 10 prompts, max_tokens 48,
 # each generation from reset caches, five runs: 8 of 10 equal once, 9 of 10 four times.
 # The divergences: airplanes in every run, `paper`'s chunk_copies_output guard at char 131
-# (`fast` goes on with the base: "Airplanes are designed to fly using the principle of
-# aerodynamics." again); the poem in one run, a takeover probe whose top-1 probability is
+# (before `fast` judged the chunk guards too, it went on with the base: "Airplanes are designed
+# to fly using the principle of aerodynamics." again); the poem in one run, a takeover probe
+# whose top-1 probability is
 # 0.308 for a threshold of 0.3 (0.2999 with another batch split of the same tokens; which
 # split the base sees depends on what its KV cache holds, and in `fast` on the timing of the
 # concurrent probes). Re-tokenization never caused one: `paper` fetched no second chunk
@@ -380,14 +378,9 @@ def nudged(demo: Demo, question: str, strategy: str) -> Run:
 
 @dataclass(slots=True)
 class RecordingStats(GenerationStats):
-    """Stats that note where in the text each rule fired (the text written so far)."""
+    """Stats that know how much text has been written so far."""
 
     position: int = 0
-    events: list[tuple[str, int]] = field(default_factory=list)
-
-    def fire(self, rule: str) -> None:
-        GenerationStats.fire(self, rule)
-        self.events.append((rule, self.position))
 
 
 class RecordingTransport(httpx.AsyncHTTPTransport):
@@ -412,15 +405,14 @@ class RecordingTransport(httpx.AsyncHTTPTransport):
 @dataclass
 class Replay:
     text: str
-    events: list[tuple[str, int]]
     base_calls: list[tuple[int, dict[str, Any], dict[str, Any]]]
     base_prompt: str
     nudging_prompt: str
 
 
 async def replay_paper(demo: Demo, question: str, max_tokens: int = MAX_TOKENS) -> Replay:
-    """`paper` run in-process by the core against the demo's upstreams, recording where each
-    rule fired and every base request: the proxy's response does not show the rules."""
+    """`paper` run in-process by the core against the demo's upstreams, recording every base
+    request with the length of the text written when it was sent."""
     reset_caches(demo)
     stats = RecordingStats()
     transport = RecordingTransport(stats)
@@ -444,7 +436,7 @@ async def replay_paper(demo: Demo, question: str, max_tokens: int = MAX_TOKENS) 
     finally:
         for client in clients.values():
             await client.aclose()
-    return Replay(text, stats.events, transport.calls, request.base_prompt, rendered)
+    return Replay(text, transport.calls, request.base_prompt, rendered)
 
 
 def _tokenize(url: str, model: str, prompt: str) -> list[int]:
@@ -522,9 +514,9 @@ class Divergence:
 
 
 def classify(demo: Demo, question: str, fast: Run, paper: Run) -> Divergence:
-    """Why `fast` and `paper` wrote different text: (a) a step-7 guard of `paper`,
-    (b) the base re-reading re-tokenized text at a `paper` chunk, (c) llama.cpp's
-    batch-dependent rounding flipping a decision that sits at its threshold or at a tie."""
+    """Why `fast` and `paper` wrote different text: (retokenization) the base re-reading
+    re-tokenized text at a `paper` chunk, (numeric) llama.cpp's batch-dependent rounding
+    flipping a decision that sits at its threshold or at a tie."""
     k = next((i for i, (a, b) in enumerate(zip(fast.text, paper.text)) if a != b),
              min(len(fast.text), len(paper.text)))
     sources = next((i for i, (a, b) in enumerate(zip(fast.sources(), paper.sources()))
@@ -542,15 +534,10 @@ def classify(demo: Demo, question: str, fast: Run, paper: Run) -> Divergence:
     if replay.text[: k + 1] != paper.text[: k + 1]:
         notes.append("in-process paper replay differs before the divergence")
     else:
-        guards = [(rule, at) for rule, at in replay.events
-                  if rule in TEXT_CHANGING_GUARDS and at in points]
-        if guards:
-            return Divergence(question, k, sources, "a",
-                              f"paper's {guards[0][0]} fired at char {guards[0][1]}")
         for point in points:
             differs = retokenization_differs(demo, replay, point)
             if differs:
-                return Divergence(question, k, sources, "b", differs)
+                return Divergence(question, k, sources, "retokenization", differs)
     found = []
     for point in points:  # the base first; the nudger only when the base shows nothing
         context = paper.text[:point]
@@ -566,7 +553,7 @@ def classify(demo: Demo, question: str, fast: Run, paper: Run) -> Divergence:
         if found:
             break
     if found:
-        return Divergence(question, k, sources, "c", "; ".join(found + notes))
+        return Divergence(question, k, sources, "numeric", "; ".join(found + notes))
     return Divergence(question, k, sources, None, "; ".join(notes) or "no cause found")
 
 

@@ -20,6 +20,7 @@ from tests.harness import BASE_PROMPT as PB
 from tests.harness import NUDGING_PROMPT as PN
 from tests.test_paper_rules import (
     BASE_STOPS_TEXT,
+    BUDGET_TEXT,
     CHUNKS_TEXT,
     EMPTY_PROBE_TEXT,
     NO_TAKEOVER_TEXT,
@@ -57,8 +58,6 @@ def scenario(name: str, script: Script, text: str | None, swaps: dict[str, str] 
     return pytest.param(script, params, text, swaps or {}, id=name)
 
 
-# Paper sees the probe end (an empty first chunk) where fast sees its stream stop.
-PROBE_END = {"chunk_empty": "base_stop"}
 SCENARIOS = [
     scenario("takeover_after_first_word", script_takeover_after_first_word, TAKEOVER_TEXT, lookahead_tokens=4),
     scenario("chunks", script_chunks, CHUNKS_TEXT, lookahead_tokens=3, chunk_tokens=2),
@@ -68,9 +67,9 @@ SCENARIOS = [
     scenario("one_word", script_one_word_rounds, ONE_WORD_TEXT, lookahead_tokens=2),
     scenario("one_word_budget", script_one_word_rounds, None, lookahead_tokens=2, max_tokens=3),
     scenario("empty_probe", script_empty_probe, EMPTY_PROBE_TEXT, lookahead_tokens=2),
-    scenario("base_stops", script_base_stops, BASE_STOPS_TEXT, PROBE_END, lookahead_tokens=3),
+    scenario("base_stops", script_base_stops, BASE_STOPS_TEXT, lookahead_tokens=3),
     scenario("base_stops_in_chunk", script_base_stops, BASE_STOPS_TEXT, lookahead_tokens=3, chunk_tokens=2),
-    scenario("single_token_probe", script_single_token_probe, SINGLE_TOKEN_TEXT, PROBE_END, lookahead_tokens=3),
+    scenario("single_token_probe", script_single_token_probe, SINGLE_TOKEN_TEXT, lookahead_tokens=3),
     scenario("threshold_edge", script_threshold_edge, " Sure! The sky is blue.", lookahead_tokens=3,
              chunk_tokens=2),
     scenario("distinct_words", script_distinct_words, " a b c d e", lookahead_tokens=1, max_rounds=5),
@@ -214,46 +213,48 @@ async def test_paper_probes_are_sequential(pair: Scripted) -> None:
     assert all(later["arrived"] >= probes[0]["answered"] for later in probes[1:])
 
 
-async def test_fast_probe_streams_are_bounded_by_budget(pair: Scripted) -> None:
+@pytest.mark.parametrize(("max_tokens", "asked", "text"), [
+    (6, 16, " Sure! The sky is very"), (40, 40, BUDGET_TEXT)])
+async def test_fast_probe_streams_ask_for_the_budget_or_one_chunk(pair: Scripted, max_tokens: int, asked: int,
+                                                                  text: str) -> None:
     script_budget_words(pair)
-    out = await run(pair, "fast", {"lookahead_tokens": 5, "max_tokens": 6})
-    assert out.text == " Sure! The sky is very"
+    out = await run(pair, "fast", {"lookahead_tokens": 5, "max_tokens": max_tokens})
+    assert out.text == text
     sent = requests(pair)
     assert sent[0] == ("n", "", 5, True)
-    # Every boundary up to the winner at "sky" is probed for the 6 tokens left, and the winner
-    # is the continuation. The probe at "is" (launched when "blue" began) reaches the upstream
-    # only if it was sent before "sky" won; nothing else is asked.
-    probes = sorted(sent[1:])
-    assert probes[:3] == [("b", " Sure!", 6, True), ("b", " Sure! The", 6, True),
-                          ("b", " Sure! The sky", 6, True)]
-    assert probes[3:] in ([], [("b", " Sure! The sky is", 6, True)])
-    assert out.stats.rules["budget_in_continuation"] == 1
+    # Every boundary up to the winner at "sky" is probed for the tokens left, but for at least
+    # a chunk's worth (C=16: the chunk rules judge the probe's first window whole), and the
+    # winner is the continuation. The probe at "is" (launched when "blue" began) reaches the
+    # upstream only if it was sent before "sky" won.
+    probes = sorted(r for r in sent[1:] if r[0] == "b")
+    assert probes[:3] == [("b", " Sure!", asked, True), ("b", " Sure! The", asked, True),
+                          ("b", " Sure! The sky", asked, True)]
+    assert probes[3:] in ([], [("b", " Sure! The sky is", asked, True)])
 
 
-async def test_fast_goes_on_where_paper_chunk_repeats(pair: Scripted) -> None:
-    # Guard (a): paper stops at the first chunk " la" (inside acc " la"); fast has no chunks.
+@pytest.mark.parametrize("strategy", ["paper", "fast"])
+async def test_fast_stops_where_paper_chunk_repeats(pair: Scripted, strategy: str) -> None:
+    # Guard (a): the first chunk " la" is inside acc " la": stop, the chunk dropped; `fast`
+    # does not send " la" (it occurs in the output) and judges it as paper does.
     pair.nudger.add(PN, toks(" Sing la"), eos=False)
     pair.base.add(PB + " Sing", toks(" la la la la") + [(".", 0.1)], eos=False)
     pair.nudger.add(PN + " Sing la", toks("!"), eos=True)
-    pair.nudger.add(PN + " Sing la la la la", toks("!"), eos=True)
-    paper = await run(pair, "paper", {"lookahead_tokens": 2, "chunk_tokens": 2})
-    assert paper.stats.rules["chunk_repeats"] == 1
-    fast = await run(pair, "fast", {"lookahead_tokens": 2, "chunk_tokens": 2})
-    assert (paper.text, fast.text) == (" Sing la!", " Sing la la la la!")
-    assert "chunk_repeats" not in fast.stats.rules
+    out = await run(pair, strategy, {"lookahead_tokens": 2, "chunk_tokens": 2})
+    assert out.text == " Sing la!"
+    assert out.stats.rules["chunk_repeats"] == 1
 
 
-async def test_fast_goes_on_where_paper_chunk_copies_output(pair: Scripted) -> None:
-    # Guard (c): paper drops " two three four five six", which `out` already holds.
+@pytest.mark.parametrize("strategy", ["paper", "fast"])
+async def test_fast_stops_where_paper_chunk_copies_output(pair: Scripted, strategy: str) -> None:
+    # Guard (c): " two three four five six" is already in `out`: stop without adding it.
     script_copy(pair, " two three four five six")
     pair.nudger.add(PN + " one two three four five six So one", toks("."), eos=True)
-    pair.nudger.add(PN + " one two three four five six So one two three four five six", toks("."), eos=True)
-    paper = await run(pair, "paper", {"lookahead_tokens": 7})
-    assert paper.stats.rules["chunk_copies_output"] == 1
-    fast = await run(pair, "fast", {"lookahead_tokens": 7})
-    assert paper.text == " one two three four five six So one."
-    assert fast.text == " one two three four five six So one two three four five six."
-    assert "chunk_copies_output" not in fast.stats.rules
+    out = await run(pair, strategy, {"lookahead_tokens": 7})
+    assert out.text == " one two three four five six So one."
+    assert out.stats.rules["chunk_copies_output"] == 1
+    if strategy == "fast":
+        # Held from " two" on, and decided at the uncertain "!": (a) could not fire.
+        assert (out.stats.held_tokens, out.stats.held_token_delay) == (5, 5 + 4 + 3 + 2 + 1)
 
 
 async def test_fast_nudger_stop_cancels_started_probes(pair: Scripted) -> None:

@@ -213,6 +213,21 @@ def runs(**params: Any) -> dict[str, Any]:
     return {"strategy": "paper", **params}
 
 
+@pytest.fixture(params=["paper", "fast"])
+def strategy(request: pytest.FixtureRequest) -> str:
+    """The step-7 tests run on both strategies: `fast` judges the same chunks on its stream."""
+    return str(request.param)
+
+
+def expect_calls(pair: Scripted, strategy: str, *expected: Any) -> None:
+    """The exact requests of `paper` (optionally only the last `-k`); `fast` sends its own
+    (tests/test_fast_strategy.py checks them)."""
+    if strategy != "paper":
+        return
+    *last, calls = expected
+    assert pair.calls()[last[0]:] == calls if last else pair.calls() == calls
+
+
 # --- scenarios shared with tests/test_fast_strategy.py ------------------------------------------
 # Each scripts a pair consistently (a deterministic base: a request's reply never contradicts
 # another's), so that `fast` must give the same text as `paper` when no step-7 guard fires.
@@ -613,65 +628,69 @@ async def test_probe_with_empty_first_token_text(pair: Scripted) -> None:
 # --- step 7: the base continuation ---------------------------------------------------------------
 
 
-async def test_continuation_in_chunks_of_c_tokens(pair: Scripted) -> None:
+async def test_continuation_in_chunks_of_c_tokens(pair: Scripted, strategy: str) -> None:
     script_chunks(pair)
-    out = await pair.run(**runs(lookahead_tokens=3, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=3, chunk_tokens=2))
     assert out.text == CHUNKS_TEXT
-    assert pair.calls() == [
+    expect_calls(pair, strategy, [
         n("", 3), b(" Sure!", 2), b(" Sure! The", 2),
         b(" Sure! The sky is", 2), b(" Sure! The sky is blue and", 2),
         b(" Sure! The sky is blue and calm today", 2),
         n(" Sure! The sky is blue and calm today", 3),
-    ]
+    ])
     assert out.stats.rules["uncertain_token"] == 1
-    assert [p.text for p in out.pieces if p.source == "base"] == [" sky", " is", " blue and", " calm today", ""]
+    pieces = [p.text for p in out.pieces if p.source == "base"]
+    assert pieces == ([" sky", " is", " blue and", " calm today", ""] if strategy == "paper"
+                      else [" sky", " is", " blue", " and", " calm", " today", ""])
 
 
-async def test_single_token_probe_gives_empty_first_chunk(pair: Scripted) -> None:
+async def test_single_token_probe_gives_empty_first_chunk(pair: Scripted, strategy: str) -> None:
     script_single_token_probe(pair)
-    out = await pair.run(**runs(lookahead_tokens=3))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=3))
     assert out.text == SINGLE_TOKEN_TEXT
     # The uncertain first token is accepted; the empty first chunk stops without a fetch.
-    assert pair.calls() == [n("", 3), b(" Sure!"), b(" Sure! The"), n(" Sure! The sky", 3)]
+    expect_calls(pair, strategy, [n("", 3), b(" Sure!"), b(" Sure! The"), n(" Sure! The sky", 3)])
     assert out.stats.rules["chunk_empty"] == 1
 
 
-async def test_fetched_empty_chunk_stops(pair: Scripted) -> None:
+async def test_fetched_empty_chunk_stops(pair: Scripted, strategy: str) -> None:
     # The probe fills C=2 tokens; the fetched chunk is empty (finish "length", no token).
     pair.nudger.add(PN, toks(" Sure! The sky"), eos=False)
     pair.base.add(PB + " Sure!", [(" Well", 0.2)], eos=False)
     pair.base.add(PB + " Sure! The", toks(" sky is"), eos=False)
     pair.nudger.add(PN + " Sure! The sky is", toks(" blue."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=3, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=3, chunk_tokens=2))
     assert out.text == " Sure! The sky is blue."
-    assert pair.calls() == [n("", 3), b(" Sure!", 2), b(" Sure! The", 2), b(" Sure! The sky is", 2),
-                            n(" Sure! The sky is", 3)]
+    expect_calls(pair, strategy, [n("", 3), b(" Sure!", 2), b(" Sure! The", 2), b(" Sure! The sky is", 2),
+                            n(" Sure! The sky is", 3)])
     assert out.stats.rules["chunk_empty"] == 1
 
 
 async def test_probe_finish_reason_is_ignored(pair: Scripted) -> None:
     # The probe reports "stop" after " sky is", yet a chunk is fetched (and here it goes on).
+    # (A base that contradicts itself: `fast`, which reads one stream, sees it stop.)
+    strategy = "paper"
     pair.nudger.add(PN, toks(" Sure! The sky"), eos=False)
     pair.base.add(PB + " Sure!", [(" Well", 0.2)], eos=False)
     pair.base.add(PB + " Sure! The", toks(" sky is"), eos=True)
     pair.base.add(PB + " Sure! The sky is", toks(" blue."), eos=True)
     pair.nudger.add(PN + " Sure! The sky is blue.", toks(" Bye"), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=3))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=3))
     assert out.text == " Sure! The sky is blue. Bye"
-    assert pair.calls() == [n("", 3), b(" Sure!"), b(" Sure! The"), b(" Sure! The sky is"),
-                            n(" Sure! The sky is blue.", 3)]
+    expect_calls(pair, strategy, [n("", 3), b(" Sure!"), b(" Sure! The"), b(" Sure! The sky is"),
+                            n(" Sure! The sky is blue.", 3)])
     assert out.stats.rules["base_stop"] == 1
 
 
-async def test_base_stop_ends_the_continuation_not_the_generation(pair: Scripted) -> None:
+async def test_base_stop_ends_the_continuation_not_the_generation(pair: Scripted, strategy: str) -> None:
     pair.nudger.add(PN, toks(" Sure! The sky"), eos=False)
     pair.base.add(PB + " Sure!", [(" Well", 0.2)], eos=False)
     pair.base.add(PB + " Sure! The", toks(" sky is blue."), eos=True)
     pair.nudger.add(PN + " Sure! The sky is blue.", toks(" Bye"), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=3, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=3, chunk_tokens=2))
     assert out.text == " Sure! The sky is blue. Bye"
-    assert pair.calls() == [n("", 3), b(" Sure!", 2), b(" Sure! The", 2), b(" Sure! The sky is", 2),
-                            n(" Sure! The sky is blue.", 3)]
+    expect_calls(pair, strategy, [n("", 3), b(" Sure!", 2), b(" Sure! The", 2), b(" Sure! The sky is", 2),
+                            n(" Sure! The sky is blue.", 3)])
     assert out.stats.rules["base_stop"] == 1
     assert out.stats.stop_reason == "nudging_model_stop"
 
@@ -685,47 +704,47 @@ def script_threshold_edge(pair: Scripted) -> None:
     pair.nudger.add(PN + " Sure! The sky is blue", toks("."), eos=True)
 
 
-async def test_uncertain_token_in_fetched_chunk(pair: Scripted) -> None:
+async def test_uncertain_token_in_fetched_chunk(pair: Scripted, strategy: str) -> None:
     # Top-1 exactly at the threshold is certain; just below is not.
     script_threshold_edge(pair)
-    out = await pair.run(**runs(lookahead_tokens=3, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=3, chunk_tokens=2))
     assert out.text == " Sure! The sky is blue."
-    assert pair.calls() == [n("", 3), b(" Sure!", 2), b(" Sure! The", 2), b(" Sure! The sky is", 2),
-                            n(" Sure! The sky is blue", 3)]
+    expect_calls(pair, strategy, [n("", 3), b(" Sure!", 2), b(" Sure! The", 2), b(" Sure! The sky is", 2),
+                            n(" Sure! The sky is blue", 3)])
 
 
-async def test_chunk_inside_acc_stops_first_chunk(pair: Scripted) -> None:
+async def test_chunk_inside_acc_stops_first_chunk(pair: Scripted, strategy: str) -> None:
     # C=2: the probe is " la la"; the first chunk " la" is inside acc " la": stop.
     pair.nudger.add(PN, toks(" Sing la"), eos=False)
     pair.base.add(PB + " Sing", toks(" la la la la") + [(".", 0.1)], eos=False)
     pair.nudger.add(PN + " Sing la", toks("!"), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=2, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=2, chunk_tokens=2))
     assert out.text == " Sing la!"
-    assert pair.calls() == [n("", 2), b(" Sing", 2), n(" Sing la", 2)]
+    expect_calls(pair, strategy, [n("", 2), b(" Sing", 2), n(" Sing la", 2)])
     assert out.stats.rules["chunk_repeats"] == 1
 
 
-async def test_fetched_chunk_inside_acc_stops(pair: Scripted) -> None:
+async def test_fetched_chunk_inside_acc_stops(pair: Scripted, strategy: str) -> None:
     # acc " sky a b a"; the next chunk " b a" is inside it: stop without adding.
     pair.nudger.add(PN, toks(" The sky"), eos=False)
     pair.base.add(PB + " The", toks(" sky a b a b a b"), eos=False)
     pair.nudger.add(PN + " The sky a b a", toks("."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=2, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=2, chunk_tokens=2))
     assert out.text == " The sky a b a."
-    assert pair.calls() == [n("", 2), b(" The", 2), b(" The sky a", 2), b(" The sky a b a", 2),
-                            n(" The sky a b a", 2)]
+    expect_calls(pair, strategy, [n("", 2), b(" The", 2), b(" The sky a", 2), b(" The sky a b a", 2),
+                            n(" The sky a b a", 2)])
     assert out.stats.rules["chunk_repeats"] == 1
 
 
-async def test_chunk_inside_acc_spanning_earlier_chunks_stops(pair: Scripted) -> None:
+async def test_chunk_inside_acc_spanning_earlier_chunks_stops(pair: Scripted, strategy: str) -> None:
     # acc " sky a b c" after two chunks; the next chunk " a b" spans both of them: stop.
     pair.nudger.add(PN, toks(" The sky"), eos=False)
     pair.base.add(PB + " The", toks(" sky a b c a b x y"), eos=False)
     pair.nudger.add(PN + " The sky a b c", toks("."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=2, chunk_tokens=2))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=2, chunk_tokens=2))
     assert out.text == " The sky a b c."
-    assert pair.calls() == [n("", 2), b(" The", 2), b(" The sky a", 2), b(" The sky a b c", 2),
-                            n(" The sky a b c", 2)]
+    expect_calls(pair, strategy, [n("", 2), b(" The", 2), b(" The sky a", 2), b(" The sky a b c", 2),
+                            n(" The sky a b c", 2)])
     assert out.stats.rules["chunk_repeats"] == 1
 
 
@@ -741,35 +760,35 @@ def script_copy(pair: Scripted, after_one: str) -> None:
     pair.base.add(PB + out1 + " So", [(" one", 0.9)] + toks(after_one) + [("!", 0.1)], eos=False)
 
 
-async def test_copy_guard_more_than_five_pieces_in_output_stops(pair: Scripted) -> None:
+async def test_copy_guard_more_than_five_pieces_in_output_stops(pair: Scripted, strategy: str) -> None:
     script_copy(pair, " two three four five six")  # 6 pieces by split(" "), all in `out`
     pair.nudger.add(PN + " one two three four five six So one", toks("."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=7))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=7))
     assert out.text == " one two three four five six So one."
-    assert pair.calls()[-3:] == [n(" one two three four five six", 7), b(" one two three four five six So"),
-                                 n(" one two three four five six So one", 7)]
+    expect_calls(pair, strategy, -3, [n(" one two three four five six", 7), b(" one two three four five six So"),
+                                 n(" one two three four five six So one", 7)])
     assert out.stats.rules["chunk_copies_output"] == 1
     assert "uncertain_token" not in out.stats.rules
 
 
-async def test_copy_guard_five_pieces_do_not_stop(pair: Scripted) -> None:
+async def test_copy_guard_five_pieces_do_not_stop(pair: Scripted, strategy: str) -> None:
     script_copy(pair, " two three four five")  # exactly 5 pieces: added
     pair.nudger.add(PN + " one two three four five six So one two three four five", toks("."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=7))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=7))
     assert out.text == " one two three four five six So one two three four five."
     assert "chunk_copies_output" not in out.stats.rules
     assert out.stats.rules["uncertain_token"] == 1
 
 
-async def test_copy_guard_needs_the_text_in_output(pair: Scripted) -> None:
+async def test_copy_guard_needs_the_text_in_output(pair: Scripted, strategy: str) -> None:
     script_copy(pair, " two three four five seven")  # 6 pieces, not in `out`: added
     pair.nudger.add(PN + " one two three four five six So one two three four five seven", toks("."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=7))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=7))
     assert out.text == " one two three four five six So one two three four five seven."
     assert "chunk_copies_output" not in out.stats.rules
 
 
-async def test_copy_guard_sees_acc(pair: Scripted) -> None:
+async def test_copy_guard_sees_acc(pair: Scripted, strategy: str) -> None:
     # out = " a b c"; acc = " So d e f g"; the next chunk " a b c So d" spans both.
     pair.nudger.add(PN, toks(" a b c So"), eos=False)
     for prefix in (" a", " a b"):
@@ -777,11 +796,11 @@ async def test_copy_guard_sees_acc(pair: Scripted) -> None:
     pair.base.add(PB + " a b c", [(" So", 0.1), (" d", 0.9), (" e", 0.9), (" f", 0.9), (" g", 0.9)], eos=False)
     pair.base.add(PB + " a b c So d e f g", toks(" a b c So d"), eos=False)
     pair.nudger.add(PN + " a b c So d e f g", toks("."), eos=True)
-    out = await pair.run(**runs(lookahead_tokens=4, chunk_tokens=5))
+    out = await pair.run(**runs(strategy=strategy, lookahead_tokens=4, chunk_tokens=5))
     # " a b c So d" (6 pieces) occurs in out + acc = " a b c" + " So d e f g": stop without adding.
     assert out.text == " a b c So d e f g."
-    assert pair.calls() == [n("", 4), b(" a", 5), b(" a b", 5), b(" a b c", 5), b(" a b c So d e f g", 5),
-                            n(" a b c So d e f g", 4)]
+    expect_calls(pair, strategy, [n("", 4), b(" a", 5), b(" a b", 5), b(" a b c", 5), b(" a b c So d e f g", 5),
+                            n(" a b c So d e f g", 4)])
     assert out.stats.rules["chunk_copies_output"] == 1
 
 

@@ -19,14 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from nudging_core.types import Completion, Piece, Source, Token
+from nudging_core.types import BaselineEnd, BaselineRule, Completion, Piece, Source, Token
 
 from .choice import ensemble_choice, proxy_tuning_choice
 
 BaselineMethod = Literal["proxy_tuning", "ensemble"]
-BaselineEnd = Literal["nudging_model_stop", "empty_round"]
-# Counted in the generation's rules when a round used them.
-BaselineRule = Literal["end_pick_dropped", "forced_token"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,15 +1,12 @@
-"""Strategy `fast`: the decisions of `paper`, with far fewer waits (DESIGN 3.2).
+"""Strategy `fast`: the decisions of `paper`, with far fewer waits (docs/algorithm.md).
 
 - The nudger's lookahead is streamed, and the base is probed at a word boundary as soon
-  as the next word has begun, all probes of a round concurrently.
+  as the next word has begun, a window of boundaries at once.
 - Each probe is a streamed request that can *be* the continuation: the first token decides
   the takeover; the winning probe's stream goes on as the base's continuation, so the base
   is already writing while the lookahead finishes; losing probes are closed at once.
-- The continuation is closed at the first uncertain token (vLLM aborts a request whose
-  client disconnects) instead of fetching 16-token chunks and throwing the tails away.
-
-The step-7 repetition guards look at whole 16-token chunks, which this strategy never
-fetches, so they do not apply here.
+- The continuation is judged by `paper`'s chunk rules on windows of the stream
+  (`windows.continue_streamed`) and closed where `paper` would stop asking for chunks.
 """
 
 from __future__ import annotations
@@ -17,31 +14,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Generator
-from contextlib import AbstractAsyncContextManager, aclosing
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from nudging_core.calls import CountedStream
 from nudging_core.types import Completion, Piece, Token
 
-from .context import NudgingContext, find_takeover
+from .algorithm import Takeover, run_rounds
+from .context import NudgingContext
 from .rules import Lookahead
+from .windows import continue_streamed
 
-# Longest single continuation request; a confident base that goes on gets another one.
+# Longest single base stream; a confident base that goes on gets another one.
 CONTINUATION_TOKENS = 256
+
+
+def stream_tokens(context: NudgingContext, held: int, window_rest: int) -> int:
+    """How many tokens a base stream asks for: what the budget leaves beyond the tokens
+    held back, and at least the rest of the current window, which the chunk rules judge
+    whole even where the budget ends inside it."""
+    return max(window_rest, min(CONTINUATION_TOKENS, context.budget.remaining - held))
 
 
 class ProbeStream:
     """A streamed base request whose first token is a probe and whose rest may continue."""
 
-    def __init__(self, context: NudgingContext, prompt: str, order: asyncio.Lock | None = None) -> None:
-        max_tokens = max(1, min(context.budget.remaining, CONTINUATION_TOKENS))
+    def __init__(
+        self, context: NudgingContext, prompt: str, max_tokens: int, order: asyncio.Lock | None = None
+    ) -> None:
         self._slot_taken = asyncio.Event()
         self._request: AbstractAsyncContextManager[CountedStream] = context.base.stream(
             prompt, max_tokens, round_index=context.stats.rounds, slot_taken=self._slot_taken
         )
         self._order = order
+        self._chunk_tokens = context.params.chunk_tokens
         self._stream: CountedStream | None = None
         self._tokens: AsyncIterator[Token] | None = None
+        self._read: list[Token] = []
         self._first = asyncio.create_task(self._open())
         self._closed = False
 
@@ -71,30 +80,32 @@ class ProbeStream:
             raise
 
     async def _open(self) -> Completion:
+        """The tokens up to the first with text (at most a chunk's worth): the first decides
+        the takeover, and the probe is empty exactly where the paper's chunk probe is."""
         self._stream = stream = await self._enter()
         self._tokens = tokens = aiter(stream)
-        first = await anext(tokens, None)
-        if first is None:
-            return Completion((), stream.finish_reason)
-        if first.text == "":
-            # An end-of-sequence token may come with empty text: look one token further to
-            # know whether the base ended at once (an empty probe, as `paper` sees it).
-            following = await anext(tokens, None)
-            if following is None:
-                return Completion((first,), stream.finish_reason)
-            self._tokens = _prepend(following, tokens)
-        return Completion((first,), None)
+        while len(self._read) < self._chunk_tokens:
+            token = await anext(tokens, None)
+            if token is None:
+                return Completion(tuple(self._read), stream.finish_reason)
+            self._read.append(token)
+            if token.text:
+                break
+        return Completion(tuple(self._read), None)
 
     def __await__(self) -> Generator[Any, None, Completion]:
-        """Awaiting a probe gives its first token as a one-token completion."""
         return self._first.__await__()
 
     @property
     def finish_reason(self) -> str | None:
         return self._stream.finish_reason if self._stream is not None else None
 
-    async def rest(self) -> AsyncGenerator[Token, None]:
+    async def tokens(self, *, skip: int = 0) -> AsyncGenerator[Token, None]:
+        """Every token of the stream after the first `skip`, as they come."""
+        await self._first
         assert self._tokens is not None
+        for token in self._read[skip:]:
+            yield token
         async for token in self._tokens:
             yield token
 
@@ -107,12 +118,6 @@ class ProbeStream:
         await asyncio.gather(self._first, return_exceptions=True)
         if self._stream is not None:
             await self._request.__aexit__(None, None, None)
-
-
-async def _prepend(first: Token, rest: AsyncIterator[Token]) -> AsyncGenerator[Token, None]:
-    yield first
-    async for token in rest:
-        yield token
 
 
 class _Probes:
@@ -135,7 +140,8 @@ class _Probes:
         if boundary not in self._probes:
             context = self._context
             prompt = context.base_prompt + context.output + lookahead.prefix(boundary)
-            self._probes[boundary] = ProbeStream(context, prompt, self._order)
+            max_tokens = stream_tokens(context, held=0, window_rest=context.params.chunk_tokens)
+            self._probes[boundary] = ProbeStream(context, prompt, max_tokens, self._order)
         return self._probes[boundary]
 
     def launch_started_words(self, partial_text: str) -> None:
@@ -153,7 +159,7 @@ class _Probes:
             if lookahead.words[boundary]:
                 self.launch(lookahead, boundary)
 
-    async def first_token(self, lookahead: Lookahead, boundary: int) -> Completion:
+    async def first_tokens(self, lookahead: Lookahead, boundary: int) -> Completion:
         """The probe at `boundary`; the rule reads them in order, so the earlier ones lost
         and are closed now, freeing their upstream slots for the probes still waiting."""
         for earlier in [b for b in self._probes if b < boundary]:
@@ -171,88 +177,95 @@ class _Probes:
         await asyncio.gather(*(probe.close() for probe in probes), return_exceptions=True)
 
 
-async def _stream_lookahead(context: NudgingContext, probes: _Probes) -> Completion:
-    tokens: list[Token] = []
-    text = ""
-    async with context.nudger.stream(
-        context.nudging_prompt + context.output,
-        context.params.lookahead_tokens,
-        round_index=context.stats.rounds,
-    ) as stream:
-        async for token in stream:
-            tokens.append(token)
-            text += token.text
-            probes.launch_started_words(text)
-        finish_reason = stream.finish_reason
-    return Completion(tuple(tokens), finish_reason)
+class BaseStream:
+    """The base's continuation after the winning probe's first token, across as many
+    streams as it takes: one that ends at its length is followed by a new one from the
+    output plus the tokens held back."""
+
+    def __init__(self, context: NudgingContext, winner: ProbeStream) -> None:
+        self._context = context
+        self._stream = winner
+        self._tokens: AsyncIterator[Token] = winner.tokens(skip=1)
+        self._empty = False  # the current stream has given no token yet
+        self.stopped = False
+
+    async def next(self, held: list[Token], window_rest: int) -> Token | None:
+        """The next token, or None when the base has stopped (or a new stream has nothing)."""
+        while not self.stopped:
+            token = await anext(self._tokens, None)
+            if token is not None:
+                self._empty = False
+                return token
+            if self._stream.finish_reason == "stop" or self._empty:
+                self.stopped = True
+                break
+            self._empty = True
+            await self._stream.close()
+            context = self._context
+            prompt = context.base_prompt + context.output + "".join(token.text for token in held)
+            self._stream = ProbeStream(context, prompt, stream_tokens(context, len(held), window_rest))
+            self._tokens = self._stream.tokens()
+        return None
+
+    async def close(self) -> None:
+        await self._stream.close()
 
 
-async def _base_tokens(context: NudgingContext, probe: ProbeStream) -> AsyncGenerator[Token, None]:
-    """The base's continuation after the probe's first token, across as many streams as needed."""
-    try:
-        while True:
-            async for token in probe.rest():
-                yield token
-            finish_reason = probe.finish_reason
-            await probe.close()
-            if finish_reason == "stop":
-                context.stats.fire("base_stop")
-                return
-            probe = ProbeStream(context, context.base_prompt + context.output)
-            for token in (await probe).tokens:
-                yield token
-    finally:
-        await probe.close()
+class FastRound:
+    """One round's I/O: the lookahead and the probes streamed, the winner continuing."""
 
+    def __init__(self, context: NudgingContext) -> None:
+        self._context = context
+        self._probes = _Probes(context)
+        self._winner: ProbeStream | None = None
 
-async def _continue_base(
-    context: NudgingContext, probe: ProbeStream, first: Token
-) -> AsyncGenerator[Piece, None]:
-    """Step 7 as streams, closed at the first uncertain token."""
-    yield context.accept_tokens([first])
-    if context.budget.exhausted:
-        context.stats.fire("budget_in_continuation")
-        return
-    async with aclosing(_base_tokens(context, probe)) as tokens:
-        async for token in tokens:
-            if token.top_prob < context.params.threshold:
-                context.stats.fire("uncertain_token")
-                return
-            yield context.accept_tokens([token])
-            if context.budget.exhausted:
-                context.stats.fire("budget_in_continuation")
-                return
+    async def lookahead(self) -> Completion:
+        context = self._context
+        tokens: list[Token] = []
+        text = ""
+        async with context.nudger.stream(
+            context.nudging_prompt + context.output,
+            context.params.lookahead_tokens,
+            round_index=context.stats.rounds,
+        ) as stream:
+            async for token in stream:
+                tokens.append(token)
+                text += token.text
+                self._probes.launch_started_words(text)
+            finish_reason = stream.finish_reason
+        return Completion(tuple(tokens), finish_reason)
 
+    async def probe(self, lookahead: Lookahead, boundary: int) -> Completion:
+        return await self._probes.first_tokens(lookahead, boundary)
 
-async def generate_fast(context: NudgingContext) -> AsyncGenerator[Piece, None]:
-    while context.start_round():
-        probes = _Probes(context)
-        winner: ProbeStream | None = None
+    async def settle(self, takeover: Takeover) -> None:
+        if takeover.boundary is not None:
+            self._winner = self._probes.take(takeover.boundary)
+        await self._probes.close()
+
+    async def continuation(self, probe: Completion) -> AsyncGenerator[Piece, None]:
+        assert self._winner is not None
+        base = BaseStream(self._context, self._winner)
         try:
-            lookahead = await _stream_lookahead(context, probes)
-            final = context.nudger_finished(lookahead)
-            if final is not None:
-                yield final
-                return
-            takeover = await find_takeover(context, lookahead.text, probes.first_token)
-            if takeover.boundary is not None:
-                winner = probes.take(takeover.boundary)
-        finally:
-            await probes.close()
-        try:
-            if context.repeated(takeover.nudging_words):
-                return
-            yield context.accept(context.nudging_piece(lookahead, takeover.nudging_words))
-            probe = takeover.probe
-            if probe is None or winner is None or context.budget.exhausted:
-                continue
-            # A one-token probe has empty text also when its token is half a character; only
-            # a probe the base ended at once is empty in `paper`'s sense.
-            if probe.text == "" and probe.finish_reason == "stop":
-                context.stats.fire("empty_probe")
-                continue
-            async for piece in _continue_base(context, winner, probe.tokens[0]):
+            async for piece in continue_streamed(self._context, probe.tokens[0], base.next):
                 yield piece
         finally:
-            if winner is not None:
-                await winner.close()
+            await base.close()
+
+    async def aclose(self) -> None:
+        await self._probes.close()
+        if self._winner is not None:
+            await self._winner.close()
+
+
+@asynccontextmanager
+async def _fast_round(context: NudgingContext) -> AsyncIterator[FastRound]:
+    io = FastRound(context)
+    try:
+        yield io
+    finally:
+        await io.aclose()
+
+
+def generate_fast(context: NudgingContext) -> AsyncGenerator[Piece, None]:
+    return run_rounds(context, _fast_round)

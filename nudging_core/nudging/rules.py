@@ -1,9 +1,10 @@
-"""The decision rules of nudging (DESIGN 3.1), shared by every strategy."""
+"""The decision rules of nudging (docs/algorithm.md), shared by every strategy."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from nudging_core.types import Token
 
@@ -54,6 +55,37 @@ def certain_prefix(tokens: Sequence[Token], threshold: float) -> tuple[list[Toke
 def copies_output(text: str, output: str) -> bool:
     """A base chunk of more than five pieces that already occurs in the output is a loop."""
     return len(text.split(" ")) > COPY_MIN_PIECES and text in output
+
+
+ChunkRule = Literal["chunk_empty", "chunk_repeats", "chunk_copies_output", "uncertain_token"]
+DROPPING_RULES: frozenset[ChunkRule] = frozenset({"chunk_empty", "chunk_repeats", "chunk_copies_output"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkVerdict:
+    """What step 7 does with one chunk of the base's continuation."""
+
+    accepted: tuple[Token, ...]  # the tokens it adds: none when the chunk is dropped
+    ends: ChunkRule | None  # the rule that ends the continuation here, if one does
+
+    @property
+    def dropped(self) -> bool:
+        return self.ends in DROPPING_RULES
+
+
+def judge_chunk(chunk: Sequence[Token], base_text: str, output: str, threshold: float) -> ChunkVerdict:
+    """Step 7 (a)-(c) on one chunk.
+
+    `base_text` is this round's base text so far (the paper's `acc`), `output` all the text
+    accepted so far (the paper's `out + acc`).
+    """
+    text = "".join(token.text for token in chunk)
+    if text in base_text:
+        return ChunkVerdict((), "chunk_repeats" if text else "chunk_empty")
+    certain, found_uncertain = certain_prefix(chunk, threshold)
+    if copies_output("".join(token.text for token in certain), output):
+        return ChunkVerdict((), "chunk_copies_output")
+    return ChunkVerdict(tuple(certain), "uncertain_token" if found_uncertain else None)
 
 
 class RepetitionGuard:
