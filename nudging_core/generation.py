@@ -147,15 +147,17 @@ class Generation:
             # The upstream holds the same budget, so its events pass whole, as it sent them
             # (with `echo`, the first also holds the prompt); reading to the end gets its usage.
             async for reply in stream.replies():
-                if not reply.text and not reply.tokens:
+                # (Dialects without the raw text, llama-server's, give it by tokens.)
+                text = reply.text or "".join(token.text for token in reply.tokens)
+                if not text and not reply.tokens:
                     continue
                 ends, end = [], 0
                 for token in reply.tokens:
-                    end = min(end + len(token.text), len(reply.text))
+                    end = min(end + len(token.text), len(text))
                     ends.append(end)
                 if ends:
-                    ends[-1] = len(reply.text)
-                piece = Piece(reply.text, role, tuple(ends) or (len(reply.text),),
+                    ends[-1] = len(text)
+                piece = Piece(text, role, tuple(ends) or (len(text),),
                               reply.logprobs if request.return_logprobs else None)
                 if not echo:
                     piece = budget.take(piece)  # whole, unless the upstream overshoots
