@@ -143,6 +143,7 @@ class Generation:
             extra=request.passthrough_fields,
         )
         echo = bool(request.passthrough_fields.get("echo"))
+        counted = 0
         async with caller.stream_call(call) as stream:
             # The upstream holds the same budget, so its events pass whole, as it sent them
             # (with `echo`, the first also holds the prompt); reading to the end gets its usage.
@@ -162,7 +163,15 @@ class Generation:
                 if not echo:
                     piece = budget.take(piece)  # whole, unless the upstream overshoots
                 if piece.text or piece.num_tokens:
+                    counted += piece.num_tokens
                     yield piece
             finish_reason = stream.finish_reason
-            self._upstream_completion_tokens = stream.completion_tokens
+            reported = stream.completion_tokens
+        if echo:
+            # The echoed prompt's tokens are no part of the answer: the upstream's count is.
+            self._upstream_completion_tokens = reported
+        elif reported is not None and reported > counted and not budget.exhausted:
+            # Tokens that wrote no text (an end-of-sequence token, say) count as the upstream
+            # counts them.
+            yield Piece("", role, (0,) * min(reported - counted, budget.remaining))
         self.stats.stop_reason = UPSTREAM_STOP[role] if finish_reason == "stop" else "length"
