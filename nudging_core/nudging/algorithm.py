@@ -16,7 +16,7 @@ from nudging_core.stopping import split_piece
 from nudging_core.types import Completion, Piece, piece_from_prefix, piece_from_tokens
 
 from .context import NudgingContext
-from .rules import Lookahead, cleaned_bounds, judge_chunk, takes_over
+from .rules import ChunkVerdict, Lookahead, cleaned_bounds, judge_chunk, takes_over
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +144,14 @@ def base_continues(context: NudgingContext, takeover: Takeover) -> bool:
     return True
 
 
+def apply_verdict(context: NudgingContext, verdict: ChunkVerdict) -> Piece | None:
+    """Step 7 (c)-(d) for a judged chunk: the piece it adds, None when it is dropped; the
+    rule that ends the continuation here is counted."""
+    if verdict.ends is not None:
+        context.stats.fire(verdict.ends)
+    return None if verdict.dropped else context.accept_tokens(verdict.accepted)
+
+
 ChunkFetcher = Callable[[], Awaitable[Completion]]
 
 
@@ -160,15 +168,12 @@ async def continue_in_chunks(
     finish_reason: str | None = None  # the probe's own finish is not looked at
     while not context.budget.exhausted:
         verdict = judge_chunk(chunk, base_text, context.output, context.params.threshold)
-        if verdict.dropped:
-            assert verdict.ends is not None
-            stats.fire(verdict.ends)
+        piece = apply_verdict(context, verdict)
+        if piece is None:
             return
-        piece = context.accept_tokens(verdict.accepted)
         base_text += piece.text
         yield piece
         if verdict.ends is not None:
-            stats.fire(verdict.ends)
             return
         if finish_reason == "stop":
             stats.fire("base_stop")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from nudging_core.types import Piece, Token
 
+from .algorithm import apply_verdict
 from .context import NudgingContext
 from .rules import ChunkVerdict, judge_chunk
 
@@ -112,15 +113,12 @@ async def continue_streamed(
         if window.holding:
             verdict = judge_chunk(window.let_go(context), window.base_text, window.output, threshold)
         if verdict is not None:
-            if verdict.dropped:
-                assert verdict.ends is not None
-                stats.fire(verdict.ends)
+            decided = apply_verdict(context, verdict)
+            if decided is None:
                 return
-            piece = context.accept_tokens(verdict.accepted)
-            base_text += piece.text
-            yield piece
+            base_text += decided.text
+            yield decided
             if verdict.ends is not None:
-                stats.fire(verdict.ends)
                 return
         if stopped:
             # Paper never looks at the probe's finish: after a stop in the first window it
