@@ -18,7 +18,7 @@ $(BIN)/nudging-proxy: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,demo,eval]'
 	touch $@
 
-.PHONY: run sim test bench
+.PHONY: run sim test bench vllm-cpu vllm-cpu-stop
 run: $(BIN)/nudging-proxy
 	$(BIN)/nudging-proxy demo --config configs/demo.yaml
 
@@ -30,3 +30,11 @@ test: $(BIN)/nudging-proxy
 
 bench: $(BIN)/nudging-proxy
 	$(BIN)/python benchmarks/strategies.py
+
+# Two real vLLM servers on the CPU (own venv in .vllm-cpu/): SmolLM2-135M-Instruct on 8031,
+# Gemma 3 270M on 8032, until Ctrl-C; the proxy in front: nudging-proxy serve --config configs/vllm-cpu.yaml
+vllm-cpu:
+	scripts/vllm-cpu.sh run
+
+vllm-cpu-stop:
+	scripts/vllm-cpu.sh stop

@@ -10,6 +10,7 @@ from typing import Any
 
 from nudging_core.types import Completion, GenerationStats, Role, SamplingParams, Token
 from nudging_core.upstream import CompletionCall, CompletionStream, UpstreamClient
+from nudging_core.upstream.dialects import Reply
 
 
 def derive_seed(seed: int, choice_index: int, round_index: int, role: str) -> int:
@@ -111,8 +112,19 @@ class CountedStream:
     def finish_reason(self) -> str | None:
         return self.stream.finish_reason if self.stream is not None else None
 
+    @property
+    def completion_tokens(self) -> int | None:
+        return self.stream.completion_tokens if self.stream is not None else None
+
     async def __aiter__(self) -> AsyncGenerator[Token, None]:
         assert self.stream is not None
         async for token in self.stream:
             self._stats.upstream_tokens[self._role] += 1
             yield token
+
+    async def replies(self) -> AsyncGenerator[Reply, None]:
+        """The upstream's events whole (text and logprobs as it sent them)."""
+        assert self.stream is not None
+        async for reply in self.stream.replies():
+            self._stats.upstream_tokens[self._role] += len(reply.tokens)
+            yield reply

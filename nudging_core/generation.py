@@ -17,7 +17,7 @@ from nudging_core.calls import RoleCaller
 from nudging_core.nudging import NudgingContext, NudgingParams, nudge
 from nudging_core.stopping import Budget, StopFilter
 from nudging_core.types import FinishReason, GenerationStats, Piece, Role, SamplingParams, Source, StopReason
-from nudging_core.upstream import ContextOverflow, UpstreamClient
+from nudging_core.upstream import ContextFull, ContextOverflow, UpstreamClient
 
 Method = Literal["nudging", "base_only", "nudging_only", "proxy_tuning", "ensemble"]
 PASSTHROUGH_ROLE: dict[str, Source] = {"base_only": "base", "nudging_only": "nudging"}
@@ -37,6 +37,8 @@ class GenerationRequest:
     choice_index: int = 0
     # Fields a passthrough method forwards to its upstream unchanged.
     passthrough_fields: dict[str, Any] = field(default_factory=dict)
+    # A passthrough method keeps the upstream's logprobs on its pieces.
+    return_logprobs: bool = False
 
 
 class Generation:
@@ -51,6 +53,7 @@ class Generation:
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.finish_reason: FinishReason = "stop"
+        self._upstream_completion_tokens: int | None = None
 
     def _caller(self, role: Role) -> RoleCaller:
         return RoleCaller(
@@ -87,13 +90,17 @@ class Generation:
                     if stop_filter.matched is not None:
                         self.stats.stop_reason = "stop_string"
                         break
-        except ContextOverflow:
-            if not produced:
+        except ContextOverflow as overflow:
+            if not produced and not isinstance(overflow, ContextFull):
                 raise  # the prompt itself does not fit: the client's request is at fault
             self.stats.stop_reason = "context_length"
         for visible in stop_filter.flush():
             self.completion_tokens += visible.num_tokens
             yield visible
+        if self._upstream_completion_tokens is not None and stop_filter.matched is None:
+            # A passthrough's upstream counts its own answer (with `echo`, the text also
+            # holds the prompt).
+            self.completion_tokens = self._upstream_completion_tokens
         self.finish_reason = "length" if self.stats.stop_reason in LENGTH_REASONS else "stop"
 
     def _method_pieces(self) -> AsyncGenerator[Piece, None]:
@@ -135,11 +142,36 @@ class Generation:
             stop=request.stop,
             extra=request.passthrough_fields,
         )
+        echo = bool(request.passthrough_fields.get("echo"))
+        counted = 0
         async with caller.stream_call(call) as stream:
-            # The upstream holds the same budget; reading to its end also gets its usage.
-            async for token in stream:
-                piece = budget.take(Piece(token.text, role, (len(token.text),)))
-                if piece.num_tokens:
+            # The upstream holds the same budget, so its events pass whole, as it sent them
+            # (with `echo`, the first also holds the prompt); reading to the end gets its usage.
+            async for reply in stream.replies():
+                # (Dialects without the raw text, llama-server's, give it by tokens.)
+                text = reply.text or "".join(token.text for token in reply.tokens)
+                if not text and not reply.tokens:
+                    continue
+                ends, end = [], 0
+                for token in reply.tokens:
+                    end = min(end + len(token.text), len(text))
+                    ends.append(end)
+                if ends:
+                    ends[-1] = len(text)
+                piece = Piece(text, role, tuple(ends) or (len(text),),
+                              reply.logprobs if request.return_logprobs else None)
+                if not echo:
+                    piece = budget.take(piece)  # whole, unless the upstream overshoots
+                if piece.text or piece.num_tokens:
+                    counted += piece.num_tokens
                     yield piece
             finish_reason = stream.finish_reason
+            reported = stream.completion_tokens
+        if echo:
+            # The echoed prompt's tokens are no part of the answer: the upstream's count is.
+            self._upstream_completion_tokens = reported
+        elif reported is not None and reported > counted and not budget.exhausted:
+            # Tokens that wrote no text (an end-of-sequence token, say) count as the upstream
+            # counts them.
+            yield Piece("", role, (0,) * min(reported - counted, budget.remaining))
         self.stats.stop_reason = UPSTREAM_STOP[role] if finish_reason == "stop" else "length"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 # Which model wrote a piece of output (provenance).
 Source = Literal["base", "nudging"]
@@ -65,6 +65,8 @@ class Piece:
     text: str
     source: Source
     token_ends: tuple[int, ...]
+    # A passthrough model's piece: the upstream's logprobs for it, in the completions shape.
+    logprobs: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -137,6 +137,20 @@ def upstream_unavailable(role: str, message: str, *, status_code: int = 502) -> 
     )
 
 
+def no_chat_template(model: str, error: UpstreamError) -> APIError:
+    """`chat_template: auto` on an upstream whose model has none: the proxy's configuration
+    is at fault, so a server-side error that says what to change."""
+    return APIError(
+        500,
+        f"Model {model!r} is configured with chat_template: auto, but the {error.role} model's server "
+        f"has no chat template to render ({scrub_urls(error.message)}). Set the model's "
+        f"{error.role}.chat_template in the proxy's configuration to a built-in template or a jinja file.",
+        type=SERVER_ERROR,
+        param=None,
+        code="chat_template_unavailable",
+    )
+
+
 def upstream_failure(error: UpstreamError) -> APIError:
     """An upstream's failure as the client sees it.
 

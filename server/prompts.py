@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nudging_core.templates import Message, TemplateError, base_prompt, normalize_messages
-from nudging_core.upstream import UpstreamError
+from nudging_core.upstream import NoChatTemplate, UpstreamError
 
-from .errors import invalid_request, upstream_failure, upstream_unavailable
+from .errors import invalid_request, no_chat_template, upstream_failure, upstream_unavailable
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .registry import ServedModel
 
@@ -22,6 +22,8 @@ async def _rendered_by_upstream(served: ServedModel, messages: list[Message]) ->
     client = served.replicas["nudging"].pick()
     try:
         rendered = await client.render_chat([{"role": m.role, "content": m.content} for m in messages])
+    except NoChatTemplate as error:
+        raise no_chat_template(served.config.name, error) from None
     except UpstreamError as error:
         raise upstream_failure(error) from None
     if rendered is None:

@@ -347,7 +347,8 @@ class _Choice(_ResponseModel):
     omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
 
     index: int
-    logprobs: None = None
+    # Passthrough models only: the upstream's logprobs (completions or chat shape).
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     nudging: NudgingReport | None = None
 

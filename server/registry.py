@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nudging_core.templates import AUTO_TEMPLATE, ChatTemplate, get_chat_template
 from nudging_core.types import Role
-from nudging_core.upstream import ReplicaSet, UpstreamClient
+from nudging_core.upstream import NoChatTemplate, ReplicaSet, UpstreamClient, UpstreamError
 
 from .config import Config, ModelConfig, UpstreamConfig
 
@@ -33,6 +33,8 @@ class ModelRegistry:
 
     def __init__(self, config: Config) -> None:
         self._replicas: dict[tuple[tuple[str, ...], str, str | None, str, str], ReplicaSet] = {}
+        # Upstreams seen to render their chat template (a server's template does not change).
+        self._renders: set[tuple[str, str]] = set()
         self.models: dict[str, ServedModel] = {}
         for model in config.models:
             replicas: dict[Role, ReplicaSet] = {}
@@ -85,6 +87,28 @@ class ModelRegistry:
         }
         results = await asyncio.gather(*checks.values())
         return {check: any(answers) for check, answers in zip(checks, results, strict=True)}
+
+    async def template_problems(self) -> dict[str, str]:
+        """By model name: why a `chat_template: auto` model's upstream cannot render its chat
+        (a model without a template). Upstreams that do not answer are left to `readiness`."""
+
+        async def problem(served: ServedModel) -> str | None:
+            client = served.replicas["nudging"].pick()
+            if (client.url, client.model) in self._renders:
+                return None
+            try:
+                await client.render_chat([{"role": "user", "content": "Hi"}])
+            except NoChatTemplate as error:
+                return (f"chat_template: auto, but the {error.role} model's server has no chat template; "
+                        f"set {error.role}.chat_template in the proxy's configuration")
+            except UpstreamError:
+                return None
+            self._renders.add((client.url, client.model))
+            return None
+
+        auto = {name: served for name, served in self.models.items() if served.uses_upstream_template}
+        found = await asyncio.gather(*(problem(served) for served in auto.values()))
+        return {name: text for name, text in zip(auto, found, strict=True) if text is not None}
 
     async def aclose(self) -> None:
         await asyncio.gather(*(replicas.aclose() for replicas in self._replicas.values()))

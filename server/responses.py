@@ -27,6 +27,41 @@ from .protocol import (
 )
 from .runs import ChoiceRun
 
+COMPLETION_LOGPROB_KEYS = ("text_offset", "token_logprobs", "tokens", "top_logprobs")
+
+
+def completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, list[Any]] | None:
+    """The upstream's completions logprobs of several events, joined as one answer."""
+    if not parts:
+        return None
+    joined: dict[str, list[Any]] = {key: [] for key in COMPLETION_LOGPROB_KEYS}
+    for part in parts:
+        size = len(part.get("tokens") or [])
+        for key in COMPLETION_LOGPROB_KEYS:
+            values = part.get(key)
+            joined[key].extend(values if isinstance(values, list) else [None] * size)
+    return joined
+
+
+def chat_logprobs(parts: list[dict[str, Any]], top_k: int) -> dict[str, Any] | None:
+    """Completions logprobs in the chat shape: per token its text, logprob, bytes and the
+    `top_k` most likely tokens."""
+    joined = completion_logprobs(parts)
+    if joined is None:
+        return None
+    content = []
+    for token, logprob, top in zip(joined["tokens"], joined["token_logprobs"], joined["top_logprobs"],
+                                   strict=False):
+        token = str(token)
+        ranked = sorted((top or {}).items(), key=lambda item: -item[1])[:top_k]
+        content.append({
+            "token": token,
+            "logprob": logprob,
+            "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in ranked],
+        })
+    return {"content": content}
+
 
 def provenance_report(run: ChoiceRun) -> NudgingReport:
     stats = run.generation.stats
@@ -62,6 +97,8 @@ class Shape:
     chat: bool
     model: str
     with_provenance: bool
+    # Chat's `top_logprobs` when passthrough logprobs are returned (completions: unused).
+    top_logprobs: int = 0
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -72,6 +109,10 @@ class Shape:
         # A fallback is reported unasked: clients must be able to tell the answer is not nudged.
         return provenance_report(run) if self.with_provenance or run.fallback_reason is not None else None
 
+    def logprobs(self, pieces: list[Any]) -> dict[str, Any] | None:
+        parts = [piece.logprobs for piece in pieces if piece.logprobs is not None]
+        return chat_logprobs(parts, self.top_logprobs) if self.chat else completion_logprobs(parts)
+
     def body(self, runs: list[ChoiceRun]) -> dict[str, Any]:
         total = usage(runs)
         if self.chat:
@@ -79,6 +120,7 @@ class Shape:
                 ChatCompletionChoice(
                     index=run.index,
                     message=ChatCompletionMessage(content=run.text),
+                    logprobs=self.logprobs(run.pieces),
                     finish_reason=run.generation.finish_reason,
                     nudging=self._report(run),
                 )
@@ -90,6 +132,7 @@ class Shape:
         choices = [
             CompletionChoice(
                 index=run.index, text=run.text, finish_reason=run.generation.finish_reason,
+                logprobs=self.logprobs(run.pieces),
                 nudging=self._report(run),
             )
             for run in runs
@@ -100,18 +143,18 @@ class Shape:
 
     def _chunk(
         self, index: int, text: str | None, *, role: bool = False, finish_reason: str | None = None,
-        report: NudgingReport | None = None,
+        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if self.chat:
             delta = DeltaMessage(role="assistant" if role else None, content=text)
             choice = ChatCompletionStreamChoice(
-                index=index, delta=delta, finish_reason=finish_reason, nudging=report
+                index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs
             )
             return ChatCompletionStreamResponse(
                 id=self.id, created=self.created, model=self.model, choices=[choice]
             ).model_dump()
         stream_choice = CompletionStreamChoice(
-            index=index, text=text or "", finish_reason=finish_reason, nudging=report
+            index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
         return CompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=[stream_choice]
@@ -120,8 +163,9 @@ class Shape:
     def role_chunk(self, index: int) -> dict[str, Any]:
         return self._chunk(index, "", role=True)
 
-    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
-        return self._chunk(index, text)
+    def text_chunk(self, index: int, piece: Any) -> dict[str, Any]:
+        """The chunk of one piece of text (with its upstream logprobs, if returned)."""
+        return self._chunk(index, piece.text, logprobs=self.logprobs([piece]))
 
     def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
         return self._chunk(

@@ -72,7 +72,8 @@ async def _respond(
     requests = generation_requests(served, body, prompts)
     runs = make_runs(served, requests)
     with_provenance = bool(body.nudging and body.nudging.return_provenance)
-    shape = Shape(chat=chat, model=body.model, with_provenance=with_provenance)
+    shape = Shape(chat=chat, model=body.model, with_provenance=with_provenance,
+                  top_logprobs=(getattr(body, "top_logprobs", None) or 0) if chat else 0)
     policy = RecoveryPolicy(served, streaming=bool(body.stream))
     events = observed(run_choices(runs, policy), nudged=served.config.method == "nudging", stream=body.stream)
     try:
@@ -115,9 +116,10 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    upstreams = await _registry(request).readiness()
-    is_ready = all(upstreams.values())
-    return JSONResponse(
-        {"status": "ready" if is_ready else "not ready", "upstreams": upstreams},
-        status_code=200 if is_ready else 503,
-    )
+    registry = _registry(request)
+    upstreams, templates = await asyncio.gather(registry.readiness(), registry.template_problems())
+    is_ready = all(upstreams.values()) and not templates
+    body: dict[str, Any] = {"status": "ready" if is_ready else "not ready", "upstreams": upstreams}
+    if templates:
+        body["chat_template"] = templates
+    return JSONResponse(body, status_code=200 if is_ready else 503)

@@ -66,7 +66,21 @@ def _nudging_params(served: ServedModel, request: AnyRequest) -> NudgingParams:
 
 def _passthrough_fields(request: AnyRequest) -> dict[str, Any]:
     dumped = request.model_dump(exclude_unset=True, exclude_none=True)
-    return {key: value for key, value in dumped.items() if key not in OWN_FIELDS}
+    fields = {key: value for key, value in dumped.items() if key not in OWN_FIELDS}
+    if isinstance(request, ChatCompletionRequest):
+        # The upstream writes the chat as a completion: chat's `logprobs: true` with
+        # `top_logprobs: k` is the completions API's `logprobs: k`.
+        fields.pop("top_logprobs", None)
+        fields.pop("logprobs", None)
+        if request.logprobs:
+            fields["logprobs"] = request.top_logprobs or 0
+    return fields
+
+
+def wants_logprobs(request: AnyRequest) -> bool:
+    if isinstance(request, ChatCompletionRequest):
+        return request.logprobs
+    return request.logprobs is not None
 
 
 def generation_requests(
@@ -94,6 +108,7 @@ def generation_requests(
         sampling=sampling,
         params=_nudging_params(served, request),
         passthrough_fields={} if combined else _passthrough_fields(request),
+        return_logprobs=not combined and wants_logprobs(request),
     )
     return [GenerationRequest(choice_index=index, **common) for index in range(request.n)]  # type: ignore[arg-type]
 

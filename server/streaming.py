@@ -40,8 +40,8 @@ async def _chunks(
                     break
                 if event.piece is None:
                     yield _data(shape.final_chunk(event.run))
-                elif event.piece.text:
-                    yield _data(shape.text_chunk(event.run.index, event.piece.text))
+                elif event.piece.text or event.piece.logprobs:
+                    yield _data(shape.text_chunk(event.run.index, event.piece))
         except UpstreamError as error:
             yield _data(upstream_error_body(error))
             yield _data("[DONE]")

@@ -68,3 +68,14 @@ def proxy() -> Iterator[str]:
         yield stack.enter_context(running(create_app(config)))
 
 
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # The real-vLLM suite's version and timings, whether or not output is captured (-s).
+    from .real_vllm import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("real vLLM")
+        for line in lines:
+            terminalreporter.write_line(line)

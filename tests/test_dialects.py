@@ -1,8 +1,9 @@
 """Each upstream dialect against response fixtures in its server's own shape.
 
-The llama-cpp-python fixtures were recorded from its server on SmolLM2-135M; the vLLM and
-llama-server ones are written in the shapes those servers document (no GPU server runs
-here), including a character split across two tokens.
+The llama-cpp-python fixtures were recorded from its server on SmolLM2-135M, the vLLM ones
+from vLLM 0.32 on SmolLM2-135M-Instruct (scripts/vllm-cpu.sh: emoji, each split over three
+tokens); the llama-server ones are written in the shape it documents, including a character
+split across two tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +42,25 @@ def client(kind: str, seen: list[httpx.Request]) -> UpstreamClient:
 CALL = CompletionCall(prompt="The capital of France is", max_tokens=5, logprobs=1)
 
 
-@pytest.mark.parametrize("kind", ["vllm", "llama_server"])
+async def test_vllm_whole_completion_texts_and_top_probabilities() -> None:
+    seen: list[httpx.Request] = []
+    upstream = client("vllm", seen)
+    completion = await upstream.complete(CALL)
+    texts = [token.text for token in completion.tokens]
+    # vLLM 0.32 sends "" for each incomplete byte of a character and the whole character on
+    # the token that completes it.
+    assert texts == ["", "", " 💖", "", "", " 💐"]
+    # Its top-k dicts collide where several tokens decode to "" ({"": -1.706} beside a
+    # chosen "" at -0.456): top-1 is at least the chosen token's.
+    assert completion.tokens[0].top_logprob == pytest.approx(-0.4561607539653778)
+    assert completion.tokens[2].top_logprob == pytest.approx(-2.337090253829956)
+    assert completion.finish_reason == "length"
+    assert completion.prompt_tokens == 19
+    assert seen[-1].url.path == "/v1/completions"
+    await upstream.aclose()
+
+
+@pytest.mark.parametrize("kind", ["llama_server"])
 async def test_whole_completion_texts_and_top_probabilities(kind: str) -> None:
     seen: list[httpx.Request] = []
     upstream = client(kind, seen)
@@ -59,7 +78,16 @@ async def test_whole_completion_texts_and_top_probabilities(kind: str) -> None:
     await upstream.aclose()
 
 
-@pytest.mark.parametrize(("kind", "finish"), [("vllm", "stop"), ("llama_server", "stop")])
+async def test_vllm_streamed_tokens() -> None:
+    upstream = client("vllm", [])
+    async with upstream.stream(CALL) as stream:
+        texts = [token.text async for token in stream]
+    assert texts == ["", "", " 💖", "", "", " 💐", "", "", " 💑", "", "", " 💓"]
+    assert stream.finish_reason == "length"
+    await upstream.aclose()
+
+
+@pytest.mark.parametrize(("kind", "finish"), [("llama_server", "stop")])
 async def test_streamed_tokens(kind: str, finish: str) -> None:
     upstream = client(kind, [])
     async with upstream.stream(CALL) as stream:

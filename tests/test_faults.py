@@ -328,7 +328,7 @@ def test_control_endpoint(simulator: str) -> None:
     assert httpx.get(simulator + "/faults").json()["injected"] == 1
     refused = httpx.post(simulator + "/faults", json={"faults": "kind=tokenize:slow"})
     assert refused.status_code == 400
-    assert "slow only applies to" in refused.json()["message"]
+    assert "slow only applies to" in refused.json()["error"]["message"]
     assert httpx.post(simulator + "/faults", json={"faults": 3}).status_code == 400
     assert httpx.post(simulator + "/tokenize", json={"prompt": "hi"}).status_code == 503  # still in force
     assert httpx.post(simulator + "/faults", json={"faults": None}).json() == {"faults": "", "injected": 0}
@@ -396,8 +396,8 @@ def test_faulted_answers_look_as_documented(simulator: str) -> None:
     assert no_logprobs["choices"][0]["logprobs"] is None and no_logprobs["choices"][0]["text"]
     overflow = answer("context_overflow", False)
     assert overflow.status_code == 400
-    assert overflow.json()["message"].startswith("This model's maximum context length is 4096 tokens. "
-                                                 "However, you requested ")
+    assert overflow.json()["error"]["message"].startswith("This model's maximum context length is 4096 tokens. "
+                                                          "However, your prompt contains ")
     malformed = answer("malformed", False)
     with pytest.raises(ValueError):
         malformed.json()

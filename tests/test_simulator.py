@@ -478,23 +478,40 @@ async def test_streaming_chunks_and_usage(aligned: httpx.AsyncClient) -> None:
     assert [c for c in events(plain.text) if c != "[DONE]" and c["choices"] == []] == []
 
 
-async def test_context_length_error(base: httpx.AsyncClient) -> None:
+async def test_context_limits_as_vllm_0_32(base: httpx.AsyncClient) -> None:
+    # Recorded from vLLM 0.32: ../shared/vllm-cpu/fixtures/{smol,gemma}/err_context_overflow_*,
+    # context_edge.json, max_tokens_null.json (the simulator names no `param`).
+    def error(message: str) -> dict[str, Any]:
+        return {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+
+    prompt = "word " * 300
+    count = len(tokenize(prompt))
+    response = await base.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+    assert response.status_code == 400
+    assert response.json() == error(
+        f"This model's maximum context length is 256 tokens. However, your prompt contains at least "
+        f"{count} input tokens, which exceeds this limit even without any output tokens. "
+        "Please reduce the length of the input prompt.")
+    over = await base.post("/v1/completions", json={"prompt": "hi", "max_tokens": 300})
+    assert over.status_code == 400 and over.json() == error(
+        "max_tokens=300 cannot be greater than max_model_len=256. Please request fewer output tokens.")
     prompt = "word " * 200
     count = len(tokenize(prompt))
-    response = await base.post("/v1/completions", json={"prompt": prompt, "max_tokens": 100})
-    assert response.status_code == 400
-    assert response.json() == {
-        "object": "error",
-        "message": f"This model's maximum context length is 256 tokens. However, you requested "
-                   f"{count + 100} tokens ({count} in the messages, 100 in the completion). "
-                   "Please reduce the length of the messages or completion.",
-        "type": "BadRequestError",
-        "param": None,
-        "code": 400,
-    }
-    fits = await base.post("/v1/completions", json={"prompt": prompt, "max_tokens": None,
-                                                     "temperature": 0})
-    assert fits.json()["usage"]["total_tokens"] == 256
+    shortened = await base.post("/v1/completions", json={"prompt": prompt, "max_tokens": 100,
+                                                          "temperature": 0})
+    assert shortened.json()["usage"]["total_tokens"] == 256
+    assert shortened.json()["choices"][0]["finish_reason"] == "length"
+    words = 1
+    while len(tokenize(" ".join(["word"] * words))) < 256:
+        words += 1
+    full = " ".join(["word"] * words)
+    assert len(tokenize(full)) == 256
+    none_left = await base.post("/v1/completions", json={"prompt": full, "max_tokens": 4})
+    assert none_left.status_code == 400
+    assert none_left.json() == error("max_tokens must be at least 1, got 0.")
+    default = await base.post("/v1/completions", json={"prompt": "hi", "max_tokens": None,
+                                                        "temperature": 0})
+    assert default.json()["usage"]["completion_tokens"] <= 16
 
 
 @pytest.mark.parametrize("body", [
@@ -514,8 +531,8 @@ async def test_context_length_error(base: httpx.AsyncClient) -> None:
 async def test_invalid_requests_are_400(aligned: httpx.AsyncClient, body: Any) -> None:
     response = await aligned.post("/v1/completions", json=body)
     assert response.status_code == 400, response.text
-    error = response.json()
-    assert error["object"] == "error" and error["type"] == "BadRequestError"
+    error = response.json()["error"]
+    assert error["type"] == "BadRequestError"
     assert error["code"] == 400 and error["message"]
 
 
@@ -524,7 +541,7 @@ async def test_bad_json_and_unknown_model(aligned: httpx.AsyncClient) -> None:
                                   headers={"content-type": "application/json"})
     assert response.status_code == 400
     response = await aligned.post("/v1/completions", json={"prompt": "hi", "model": "gpt-5"})
-    assert response.status_code == 404 and response.json()["type"] == "NotFoundError"
+    assert response.status_code == 404 and response.json()["error"]["type"] == "NotFoundError"
 
 
 async def test_unknown_fields_are_ignored(aligned: httpx.AsyncClient) -> None:

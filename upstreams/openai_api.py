@@ -49,7 +49,8 @@ class Sampling:
 
 
 class ApiError(Exception):
-    """A refused request, reported like vLLM: ``{"object": "error", "message", ...}``."""
+    """A refused request, reported like vLLM 0.32: ``{"error": {"message", "type", "param",
+    "code"}}``."""
 
     def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError",
                  param: str | None = None) -> None:
@@ -60,8 +61,8 @@ class ApiError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {"object": "error", "message": self.message, "type": self.kind,
-                "param": self.param, "code": self.status}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.status}}
 
 
 class StreamOptions(BaseModel):
@@ -108,14 +109,20 @@ class CompletionRequest(BaseModel, Generic[Prompt]):
         return list(self.stop) if isinstance(self.stop, list) else []
 
     def sampling(self, prompt_tokens: int, max_model_len: int, dialect: Dialect) -> Sampling:
-        """The request's sampling, refused if prompt and completion overflow the context.
-
-        ``max_tokens: null`` means the rest of the context, as in vLLM.
+        """The request's sampling, as vLLM 0.32 reads it: a prompt over the context is refused,
+        and so is a `max_tokens` over it; otherwise `max_tokens` (null: 16) is shortened to the
+        room the prompt leaves, and a prompt that leaves none is refused ("max_tokens must be
+        at least 1, got 0").
         """
-        max_tokens = (self.max_tokens if self.max_tokens is not None
-                      else max(max_model_len - prompt_tokens, 0))
-        if prompt_tokens + max_tokens > max_model_len:
-            raise context_length_error(max_model_len, prompt_tokens, max_tokens, dialect)
+        if prompt_tokens > max_model_len:
+            raise context_length_error(max_model_len, prompt_tokens, 0, dialect)
+        requested = self.max_tokens if self.max_tokens is not None else 16
+        if requested > max_model_len:
+            raise ApiError(f"max_tokens={requested} cannot be greater than max_model_len={max_model_len}. "
+                           "Please request fewer output tokens.", param=dialect.param("max_tokens"))
+        max_tokens = min(requested, max_model_len - prompt_tokens)
+        if max_tokens == 0 and requested > 0:
+            raise ApiError("max_tokens must be at least 1, got 0.", param=dialect.param("max_tokens"))
         return Sampling(
             max_tokens=max_tokens,
             temperature=self.temperature if self.temperature is not None else 1.0,
@@ -169,12 +176,13 @@ def describe_validation_error(error: ValidationError) -> str:
 
 def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int,
                          dialect: Dialect) -> ApiError:
-    # vLLM's wording: clients (the proxy included) recognise "maximum context length".
+    # vLLM 0.32's wording: clients (the proxy included) recognise "maximum context length".
+    # (`max_tokens` plays no part: vLLM shortens it to the room the prompt leaves.)
     return ApiError(
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
-        "the completion). Please reduce the length of the messages or completion.",
-        param=dialect.param("prompt"),
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+        f"contains at least {prompt_tokens} input tokens, which exceeds this limit even without "
+        "any output tokens. Please reduce the length of the input prompt.",
+        param=dialect.param("input_tokens"),
     )
 
 

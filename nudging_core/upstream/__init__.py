@@ -3,7 +3,7 @@
 from .call import CompletionCall
 from .client import CompletionStream, Timeouts, UpstreamClient
 from .dialects import DIALECT_NAMES
-from .errors import ContextOverflow, UpstreamError, UpstreamTimeout
+from .errors import ContextFull, ContextOverflow, NoChatTemplate, UpstreamError, UpstreamTimeout
 from .health import ReplicaHealth
 from .replicas import ReplicaSet
 
@@ -11,7 +11,9 @@ __all__ = [
     "DIALECT_NAMES",
     "CompletionCall",
     "CompletionStream",
+    "ContextFull",
     "ContextOverflow",
+    "NoChatTemplate",
     "ReplicaHealth",
     "ReplicaSet",
     "Timeouts",

@@ -22,13 +22,23 @@ import httpx
 from nudging_core.types import Completion, Token
 
 from .call import CompletionCall
-from .dialects import DIALECTS, Dialect, Parser, Request, detect
-from .errors import ContextOverflow, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from .dialects import DIALECTS, Dialect, Parser, Reply, Request, detect
+from .errors import (
+    ContextFull,
+    ContextOverflow,
+    NoChatTemplate,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .health import ReplicaHealth
 
 T = TypeVar("T")
 
 CONTEXT_OVERFLOW_MARKERS = ("maximum context length", "context length", "exceeds the available context")
+# vLLM 0.32 shortens max_tokens to the room the context leaves; with none left it says this
+# (the proxy itself never asks for 0 tokens).
+CONTEXT_FULL_MARKERS = ("max_tokens must be at least 1, got 0",)
 
 # Told about every upstream request once its response headers arrived or it failed:
 # (role, outcome, seconds), the outcome an HTTP status, "timeout", "unreachable" or "cancelled".
@@ -82,9 +92,25 @@ def _raise_for_status(role: str, status: int, body_text: str) -> None:
     if status < 400:
         return
     message = _error_message(body_text)
-    if status == 400 and any(marker in message.lower() for marker in CONTEXT_OVERFLOW_MARKERS):
+    lowered = message.lower()
+    if status == 400 and any(marker in lowered for marker in CONTEXT_FULL_MARKERS):
+        raise ContextFull(role, message, status_code=status)
+    if status == 400 and any(marker in lowered for marker in CONTEXT_OVERFLOW_MARKERS):
         raise ContextOverflow(role, message, status_code=status)
     raise UpstreamError(role, f"HTTP {status}: {message}", status_code=status)
+
+
+def _raise_stream_error(role: str, data: str, payload: dict[str, Any]) -> None:
+    """An error event inside a stream. vLLM checks some fields only once its stream has
+    started (`logprobs` over `--max-logprobs`: HTTP 200, then `{"error": {..., "code": 400}}`),
+    so the event's code is the status the request would have had."""
+    error = payload.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        _raise_for_status(role, code, data)
+    raise UpstreamError(role, f"stream error: {_error_message(data)}")
 
 
 class UpstreamClient:
@@ -254,7 +280,14 @@ class UpstreamClient:
     async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
         """The chat rendered by the upstream's own template, if it can render one."""
         dialect = await self.dialect()
-        return await dialect.render_chat(self._json, self.model, messages)
+        try:
+            return await dialect.render_chat(self._json, self.model, messages)
+        except UpstreamError as error:
+            # vLLM: "... default chat template is no longer allowed, so you must provide a
+            # chat template if the tokenizer does not define one."
+            if error.status_code == 400 and "chat template" in error.message.lower():
+                raise NoChatTemplate(self.role, error.message, status_code=error.status_code) from None
+            raise
 
     async def ready(self) -> bool:
         try:
@@ -278,6 +311,7 @@ class CompletionStream:
         self._slot_held = False
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
         self.completed = False
 
     async def __aenter__(self) -> CompletionStream:
@@ -326,6 +360,12 @@ class CompletionStream:
         return self._tokens()
 
     async def _tokens(self) -> AsyncGenerator[Token, None]:
+        async for reply in self.replies():
+            for token in reply.tokens:
+                yield token
+
+    async def replies(self) -> AsyncGenerator[Reply, None]:
+        """The stream's events, parsed (iterating the stream itself gives their tokens)."""
         assert self._response is not None and self._parse is not None, "use `async with` first"
         role = self._client.role
         try:
@@ -340,12 +380,12 @@ class CompletionStream:
                 except ValueError as exc:
                     raise UpstreamError(role, "malformed stream event") from exc
                 if isinstance(payload, dict) and "error" in payload:
-                    raise UpstreamError(role, f"stream error: {_error_message(data)}")
+                    _raise_stream_error(role, data, payload)
                 reply = self._parse(payload)
-                for token in reply.tokens:
-                    yield token
+                yield reply
                 self.finish_reason = reply.finish_reason or self.finish_reason
                 self.prompt_tokens = reply.prompt_tokens or self.prompt_tokens
+                self.completion_tokens = reply.completion_tokens or self.completion_tokens
                 if reply.last:
                     break
         except httpx.TimeoutException as exc:

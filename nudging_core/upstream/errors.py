@@ -28,6 +28,17 @@ class ContextOverflow(UpstreamError):
     """The prompt plus the requested tokens exceed the upstream model's context."""
 
 
+class ContextFull(ContextOverflow):
+    """The prompt fits the upstream model's context but fills it: no token can be written.
+    vLLM (0.32) shortens `max_tokens` to the room left and refuses a request left with none
+    ("max_tokens must be at least 1, got 0"). The answer ends there, with `length`."""
+
+
+class NoChatTemplate(UpstreamError):
+    """`chat_template: auto`, but the upstream's model has no chat template to render
+    (a base model, say): the proxy's configuration is wrong, not the client's request."""
+
+
 def is_retryable(error: UpstreamError) -> bool:
     """Whether asking again (another replica, perhaps) may succeed: the upstream was
     unreachable, timed out or failed on its side (5xx); never a request it refused (4xx)

@@ -6,7 +6,7 @@ Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``GET /v1/models`` (wi
 ``POST /detokenize``.
 
 Response conventions (as vLLM, where the proxy can observe them): errors are
-``{"object": "error", "message", "type", "param", "code"}``; a ``model`` other than the served
+``{"error": {"message", "type", "param", "code"}}`` (vLLM 0.32); a ``model`` other than the served
 name is a 404; an end token is reported as a last token with empty text; ``logprobs=k`` gives
 the top k plus the sampled token, of the distribution before temperature; with stop strings
 streamed text is held back while it may begin a stop string. ``logprobs.tokens`` are the
@@ -233,7 +233,7 @@ async def _stream(reply: _Reply, job: Job, include_usage: bool) -> AsyncIterator
         log.exception("streamed generation failed")
         failure = ApiError(f"generation failed: {type(error).__name__}", 500,
                            "InternalServerError")
-        yield sse({"error": failure.body()})
+        yield sse(failure.body())
     yield SSE_DONE
 
 

@@ -5,11 +5,12 @@ Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``GET /v1/models``, ``
 and ``POST /faults`` (``{"faults": SPEC}``: the fault spec in force, see :mod:`.faults`).
 
 Behaviour follows vLLM where the proxy can observe it: errors are
-``{"object": "error", "message", "type", "param", "code"}``; a ``model`` other than the served
+``{"error": {"message", "type", "param", "code"}}`` (vLLM 0.32); a ``model`` other than the served
 name is a 404; EOS is reported as a last token with empty text (counted in
 ``completion_tokens``); ``logprobs=k`` gives the top k plus the sampled token; with stop strings
 the streamed text is held back by the longest stop string's length minus one, so a stop string
-is never sent; ``max_tokens: null`` means "the rest of the context"; echo with logprobs
+is never sent; ``max_tokens: null`` means 16, and a
+``max_tokens`` over the room the prompt leaves is shortened to it (none left: a 400); echo with logprobs
 bypasses the prefix cache. ``/stats`` counts requests that passed validation.
 
 CLI: ``nudging-proxy simulate`` uses :func:`add_arguments` and :func:`run`; the module also runs

@@ -26,6 +26,11 @@ class Reply:
     prompt_tokens: int | None = None
     # The stream ends after this event (for servers that send no `[DONE]`).
     last: bool = False
+    # The answer's text and logprobs as the server sent them (OpenAI shape: `tokens`,
+    # `token_logprobs`, `top_logprobs`, `text_offset`), for passthrough models to return.
+    text: str = ""
+    logprobs: dict[str, Any] | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

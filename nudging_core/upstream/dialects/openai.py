@@ -66,9 +66,14 @@ def _choice_reply(role: str, payload: dict[str, Any], *, need_logprobs: bool) ->
     usage = payload.get("usage")
     if isinstance(usage, dict):
         reply.prompt_tokens = usage.get("prompt_tokens")
+        reply.completion_tokens = usage.get("completion_tokens")
     for choice in payload.get("choices") or []:
         reply.tokens.extend(parse_tokens(role, choice, need_logprobs=need_logprobs))
         reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
+        reply.text += choice.get("text") or ""
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and reply.logprobs is None:
+            reply.logprobs = logprobs
     return reply
 
 
@@ -120,6 +125,22 @@ class OpenAICompletions(Dialect):
         tokens = tokenized.get("tokens") if isinstance(tokenized, dict) else None
         if not isinstance(tokens, list):
             return None
-        detokenized = await send(Request("../detokenize", {"model": model, "tokens": tokens}))
-        prompt = detokenized.get("prompt") if isinstance(detokenized, dict) else None
-        return prompt if isinstance(prompt, str) else None
+        prompt = await _detokenize(send, model, tokens)
+        if prompt is None or not tokens:
+            return None
+        # A template that starts with `{{ bos_token }}` (Gemma, Llama 2 and 3) renders BOS as
+        # text, and a completions request adds BOS again. Where it would, the prompt leaves
+        # out the rendered BOS, so the upstream sees exactly the rendered tokens.
+        again = await send(Request("../tokenize", {"model": model, "prompt": prompt}))
+        retokenized = again.get("tokens") if isinstance(again, dict) else None
+        if isinstance(retokenized, list) and retokenized == [tokens[0], *tokens]:
+            bos = await _detokenize(send, model, tokens[:1])
+            if bos and prompt.startswith(bos):
+                return prompt[len(bos):]
+        return prompt
+
+
+async def _detokenize(send: Sender, model: str, tokens: list[Any]) -> str | None:
+    detokenized = await send(Request("../detokenize", {"model": model, "tokens": tokens}))
+    prompt = detokenized.get("prompt") if isinstance(detokenized, dict) else None
+    return prompt if isinstance(prompt, str) else None
