@@ -45,9 +45,12 @@ class RoleCaller:
         logprobs: int | None = 1,
         stop: tuple[str, ...] = (),
         extra: dict[str, Any] | None = None,
+        seed_as_sent: bool = False,
     ) -> CompletionCall:
+        """One upstream request. Its seed is derived from the client's, unless `seed_as_sent`
+        (a passthrough, whose first choice must be what the upstream gives for that seed)."""
         seed = self._sampling.seed
-        if seed is not None:
+        if seed is not None and not (seed_as_sent and self._choice_index == 0):
             seed = derive_seed(seed, self._choice_index, round_index, self.role)
         return CompletionCall(
             prompt=prompt,

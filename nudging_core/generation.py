@@ -141,6 +141,7 @@ class Generation:
             logprobs=None,
             stop=request.stop,
             extra=request.passthrough_fields,
+            seed_as_sent=True,
         )
         echo = bool(request.passthrough_fields.get("echo"))
         counted = 0

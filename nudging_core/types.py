@@ -45,6 +45,22 @@ class Completion:
     def text(self) -> str:
         return "".join(token.text for token in self.tokens)
 
+    @property
+    def written_tokens(self) -> tuple[Token, ...]:
+        """The tokens without the start of a character the completion did not finish.
+
+        A character split over several tokens (an emoji, say) comes as tokens with no text
+        and its whole text on the token that completes it (vLLM sends ""). A completion cut
+        by its token limit after such tokens wrote nothing with them: the next request, which
+        continues from the text, writes them again.
+        """
+        if self.finish_reason == "stop":
+            return self.tokens
+        end = len(self.tokens)
+        while end > 0 and self.tokens[end - 1].text == "":
+            end -= 1
+        return self.tokens[:end]
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:

@@ -8,6 +8,9 @@
 #   scripts/vllm-cpu.sh status    # which servers run
 #   scripts/vllm-cpu.sh run       # start, then wait; Ctrl-C or SIGTERM stops both (make vllm-cpu)
 #   scripts/vllm-cpu.sh version   # the installed vLLM version
+#   scripts/vllm-cpu.sh serve smol|gemma NAME PORT [vLLM flags...]
+#                                 # one more server of a converted model, in the background
+#   scripts/vllm-cpu.sh stop-one NAME
 #
 # Environment: VLLM_CPU_DIR (default .vllm-cpu, the venv, models, logs and pid files),
 # PORT_SMOL (8031), PORT_GEMMA (8032), VLLM_CPU_PYTHON (python3.11+ to build the venv with),
@@ -74,14 +77,14 @@ install() {
 
 alive() { [ -f "$R/vllm-$1.pid" ] && kill -0 "$(cat "$R/vllm-$1.pid")" 2>/dev/null; }
 
-serve() {  # MODEL_DIR NAME PORT
+serve() {  # MODEL_DIR NAME PORT [vLLM flags...]
   if alive "$2"; then log "$2 already runs (pid $(cat "$R/vllm-$2.pid"))"; return 0; fi
   log "starting $2 on 127.0.0.1:$3 (log: $R/vllm-$2.log)"
   # setsid: its own process group, so stop ends vLLM's engine process too.
   VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   setsid "$PY" -m vllm.entrypoints.openai.api_server --model "$1" --served-model-name "$2" \
     --host 127.0.0.1 --port "$3" --dtype bfloat16 --max-model-len 2048 --max-logprobs 100 \
-    --enable-prefix-caching --enforce-eager > "$R/vllm-$2.log" 2>&1 < /dev/null &
+    --enable-prefix-caching --enforce-eager "${@:4}" > "$R/vllm-$2.log" 2>&1 < /dev/null &
   echo $! > "$R/vllm-$2.pid"
   local t0=$SECONDS
   until curl -sf "http://127.0.0.1:$3/v1/models" > /dev/null; do
@@ -132,11 +135,15 @@ case "${1:-}" in
   stop) stop ;;
   status) status ;;
   version) "$PY" -c 'import vllm; print(vllm.__version__)' ;;
+  serve)
+    [ $# -ge 4 ] && [[ $2 == smol || $2 == gemma ]] || { log "usage: $0 serve smol|gemma NAME PORT [vLLM flags...]"; exit 2; }
+    install; model=$2; shift 2; serve "$D/models/$model-hf" "$@" ;;
+  stop-one) [ $# -eq 2 ] || { log "usage: $0 stop-one NAME"; exit 2; }; stop_one "$2" ;;
   run)
     trap 'stop; exit 0' INT TERM
     start
     log "smollm2 on http://127.0.0.1:$PORT_SMOL/v1, gemma3-270m on http://127.0.0.1:$PORT_GEMMA/v1; Ctrl-C stops both"
     while alive smollm2 && alive gemma3-270m; do sleep 2; done
     log "a server stopped; stopping the other"; stop; exit 1 ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -130,4 +130,7 @@ CORPUS: tuple[CorpusPrompt, ...] = (
                  why="the output ends in a repeat: the paper's clean-up removes it"),
     CorpusPrompt("cleanup-poem", "Write a funny poem about socks.", cleanup=True,
                  why="the output ends in a repeat: clean-up"),
+    # Last, so that the spreads other tests take (CORPUS[::8]) stay as they were.
+    CorpusPrompt("emoji", "Describe the ocean with emoji.",
+                 why="emoji: a character over three tokens, the first two with no text"),
 )

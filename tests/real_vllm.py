@@ -15,6 +15,8 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,26 @@ def start_pair() -> VllmPair:
     TIMINGS.vllm_version = _version(pair.gemma_url)
     TIMINGS.tests_started = time.monotonic()
     return pair
+
+
+@contextmanager
+def extra_server(model: str, name: str, *flags: str) -> Iterator[str]:
+    """One more server of a converted model ("smol" or "gemma") with extra vLLM flags, for as
+    long as the block runs; yields its root URL."""
+    run_dir = Path(tempfile.mkdtemp(prefix="vllm-cpu-extra-"))
+    port = _free_port()
+    started = time.monotonic()
+    env = _script_env(run_dir)
+    try:
+        done = subprocess.run([str(SCRIPT), "serve", model, name, str(port), *flags], env=env,
+                              capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/vllm-cpu.sh serve {model} failed ({done.returncode}):\n"
+                               f"{done.stderr[-4000:]}")
+        TIMINGS.notes.append(f"extra server {name}: started in {time.monotonic() - started:.0f} s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(SCRIPT), "stop-one", name], env=env, check=False, timeout=120)
 
 
 def summary_lines() -> list[str]:

@@ -48,6 +48,7 @@ class Run:
     text: str
     ratio: float
     stats: GenerationStats
+    tokens: int  # the answer's tokens, as the budget counted them
 
 
 def _request(prompt: CorpusPrompt, strategy: str) -> GenerationRequest:
@@ -80,7 +81,8 @@ async def _generate(base_url: str, aligned_url: str, prompt: CorpusPrompt, strat
         for client in clients.values():
             await client.aclose()
     text = "".join(piece.text for piece in pieces)
-    return Run(text, nudging_word_ratio(merge_spans(pieces)), generation.stats)
+    return Run(text, nudging_word_ratio(merge_spans(pieces)), generation.stats,
+               sum(piece.num_tokens for piece in pieces))
 
 
 async def _run_all(base_url: str, aligned_url: str) -> dict[tuple[str, str], Run]:
@@ -210,6 +212,9 @@ def test_fast_writes_what_paper_writes(runs: dict[tuple[str, str], Run]) -> None
     assert guarded, "no corpus prompt makes a chunk guard drop text"
     assert not differing, {
         name: (runs[name, "paper"].text, runs[name, "fast"].text) for name in differing}
+    counted = {p.name: (runs[p.name, "paper"].tokens, runs[p.name, "fast"].tokens) for p in CORPUS
+               if runs[p.name, "paper"].tokens != runs[p.name, "fast"].tokens}
+    assert not counted, counted
 
 
 def test_fast_decides_as_paper_does(runs: dict[tuple[str, str], Run]) -> None:

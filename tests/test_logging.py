@@ -9,6 +9,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,11 +119,25 @@ def test_a_given_request_id_round_trips_and_reaches_the_upstreams(stack: Stack) 
     # Each upstream request gets its own id (vLLM needs them unique), prefixed with the client's.
     forwarded = [headers["x-request-id"] for headers in stack.upstream_headers()[sent_before:]]
     assert len(forwarded) > 1 and len(set(forwarded)) == len(forwarded)
-    assert all(re.fullmatch(r"client-id-1-\d+", upstream_id) for upstream_id in forwarded)
+    assert all(re.fullmatch(r"client-id-1-[0-9a-f]{8}-\d+", upstream_id) for upstream_id in forwarded)
     line = access_line(stack, "client-id-1")
     assert line["level"] == "info" and line["status"] == 200 and line["model"] == "nudged"
     assert line["path"] == CHAT and line["duration_ms"] >= 0 and line["tokens"]["nudging"] > 0
     assert set(line) >= {"time", "message", "method", "first_text_ms"}
+
+
+def test_concurrent_requests_with_one_client_id_send_distinct_upstream_ids(stack: Stack) -> None:
+    # vLLM refuses a request id that is already running; clients that retry, or that send a
+    # fixed id, must not make the proxy send one twice.
+    sent_before = len(stack.upstream_headers())
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda _: stack.post(CHAT, chat(), **{"X-Request-Id": "same-id"}),
+                                  range(2)))
+    assert [r.status_code for r in responses] == [200, 200]
+    forwarded = [headers["x-request-id"] for headers in stack.upstream_headers()[sent_before:]
+                 if headers["x-request-id"].startswith("same-id-")]
+    assert len(forwarded) > 2 and len(set(forwarded)) == len(forwarded)
+    assert len({upstream_id.rsplit("-", 1)[0] for upstream_id in forwarded}) == 2
 
 
 @pytest.mark.parametrize("given", [None, "has spaces", "x" * 129, "<script>"])
@@ -135,7 +150,7 @@ def test_a_missing_or_malformed_request_id_is_replaced(stack: Stack, given: str 
     stack.responses.append(response)
     request_id = response.headers["x-request-id"]
     assert GENERATED_ID.fullmatch(request_id)
-    assert {h["x-request-id"].rsplit("-", 1)[0] for h in stack.base.headers[sent_before:]} == {request_id}
+    assert {h["x-request-id"].rsplit("-", 2)[0] for h in stack.base.headers[sent_before:]} == {request_id}
     assert access_line(stack, request_id)["status"] == 200
 
 

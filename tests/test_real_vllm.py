@@ -24,7 +24,7 @@ from nudging_core.upstream.dialects import OpenAICompletions
 from server.app import create_app
 from server.config import parse_config
 
-from .real_vllm import GEMMA, SKIP_ENV, SMOL, TIMINGS, VllmPair, start_pair
+from .real_vllm import GEMMA, SKIP_ENV, SMOL, TIMINGS, VllmPair, extra_server, start_pair
 from .servers import running
 
 pytestmark = pytest.mark.vllm
@@ -189,6 +189,37 @@ def test_auto_template_gives_the_upstream_s_prompt_size(proxy: httpx.Client, smo
     spans = nudged["choices"][0]["nudging"]["spans"]
     assert {span["source"] for span in spans} == {"base", "nudging"}
     assert 0 < nudged["usage"]["completion_tokens"] <= 24
+
+
+# Gemma's instruction template: it starts with `{{ bos_token }}`, as Llama 2 and 3 do.
+GEMMA_IT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_auto_template_that_starts_with_bos_sends_it_once(vllm: VllmPair, tmp_path: Any) -> None:
+    # `/tokenize` renders BOS as a token, `/detokenize` keeps it as text, and a completions
+    # request adds another unless the proxy leaves the rendered one out.
+    template = tmp_path / "gemma-it.jinja"
+    template.write_text(GEMMA_IT_TEMPLATE)
+    with extra_server("gemma", "gemma-it", "--chat-template", str(template)) as url, \
+            httpx.Client(base_url=url, timeout=300) as server:
+        config = parse_config({"models": [
+            {"name": "gemma-it-auto", "method": "nudging_only",
+             "nudging": {"url": url + "/v1", "model": "gemma-it", "chat_template": "auto"}}]})
+        with running(create_app(config)) as proxy_url, httpx.Client(base_url=proxy_url, timeout=300) as proxy:
+            request = {"messages": CHAT, "max_tokens": 24, "temperature": 0}
+            ours = _ok(proxy.post("/v1/chat/completions", json={"model": "gemma-it-auto", **request}))
+            direct = _ok(server.post("/v1/chat/completions", json={"model": "gemma-it", **request}))
+            rendered = _ok(server.post("/tokenize", json={"model": "gemma-it", "messages": CHAT,
+                                                          "add_generation_prompt": True}))
+            text = _ok(server.post("/detokenize", json={"model": "gemma-it", "tokens": rendered["tokens"]}))
+    assert text["prompt"].startswith("<bos><start_of_turn>user\n")  # the case this test is for
+    assert ours["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"] == rendered["count"]
+    assert ours["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
 
 
 def test_auto_template_on_a_model_without_one_is_a_configuration_error(vllm: VllmPair) -> None:

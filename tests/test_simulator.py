@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ from upstreams.simulator.model import LanguageModel, split
 from upstreams.simulator.tokenizer import tokenize
 
 from .servers import running
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32"
 
 QUESTIONS = [
     "What is photosynthesis?",
@@ -476,6 +479,56 @@ async def test_streaming_chunks_and_usage(aligned: httpx.AsyncClient) -> None:
     plain = await aligned.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3,
                                                         "stream": True})
     assert [c for c in events(plain.text) if c != "[DONE]" and c["choices"] == []] == []
+
+
+def split_runs(logprobs: dict[str, Any]) -> list[tuple[int, bool, bool]]:
+    """For each token that completes a character outside the BMP: how many "" tokens came
+    just before it, whether they all share its text offset, and whether their top-k dicts
+    hold the key "" (where vLLM 0.32's keys collide)."""
+    runs = []
+    tokens, offsets, tops = logprobs["tokens"], logprobs["text_offset"], logprobs["top_logprobs"]
+    for index, token in enumerate(tokens):
+        if not any(ord(char) > 0xFFFF for char in token):
+            continue
+        start = index
+        while start > 0 and tokens[start - 1] == "":
+            start -= 1
+        runs.append((index - start, len(set(offsets[start:index + 1])) == 1,
+                     all("" in top for top in tops[start:index])))
+    return runs
+
+
+async def test_split_characters_as_vllm_0_32(aligned: httpx.AsyncClient) -> None:
+    # vLLM 0.32 sends "" for the byte tokens of an emoji that do not complete it, and the whole
+    # token on the one that does (tests/fixtures/vllm-0.32/completions_emoji_logprobs2.json).
+    recorded = json.loads((FIXTURES / "completions_emoji_logprobs2.json").read_text())
+    vllm_runs = split_runs(recorded["choices"][0]["logprobs"])
+    assert vllm_runs == [(2, True, True), (2, True, True)]
+
+    prompt = chatml("Describe the ocean with emoji.")
+    whole = await complete(aligned, prompt=prompt, max_tokens=400, logprobs=2)
+    choice = whole["choices"][0]
+    text, logprobs = choice["text"], choice["logprobs"]
+    assert text.endswith(" \U0001f496") and choice["finish_reason"] == "stop"
+    split = sum(1 for char in text if ord(char) > 0xFFFF)
+    assert split == 2 and split_runs(logprobs) == [vllm_runs[0]] * split
+    assert "".join(logprobs["tokens"]) == text
+    # Two byte tokens more per split character, and EOS.
+    assert whole["usage"]["completion_tokens"] == len(logprobs["tokens"]) == len(tokenize(text)) + 2 * split + 1
+
+    response = await aligned.post("/v1/completions", json={
+        "prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": True, "logprobs": 2})
+    chunks = [c for c in events(response.text) if c != "[DONE]"]
+    assert [c["choices"][0]["text"] for c in chunks] == logprobs["tokens"]
+    # The budget ends on a byte token: the character is not sent at all.
+    cut = len(logprobs["tokens"]) - 2
+    short = await complete(aligned, prompt=prompt, max_tokens=cut)
+    assert short["choices"][0]["text"] == text.removesuffix(" \U0001f496")
+    assert short["choices"][0]["finish_reason"] == "length"
+    assert short["usage"]["completion_tokens"] == cut
+    # The prompt side counts the pieces too, as /tokenize and usage report them.
+    counted = await aligned.post("/tokenize", json={"prompt": "Hi \U0001f496"})
+    assert counted.json()["count"] == 4
 
 
 async def test_context_limits_as_vllm_0_32(base: httpx.AsyncClient) -> None:

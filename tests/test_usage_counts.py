@@ -22,7 +22,8 @@ from upstreams.simulator.app import create_app as create_simulator
 from .corpus_prompts import CORPUS
 from .servers import running
 
-PROMPTS = CORPUS[::8]  # a spread of the corpus: plain, system prompts, keywords, small budgets
+# A spread of the corpus (plain, system prompts, keywords, small budgets), and split characters.
+PROMPTS = (*CORPUS[::8], *(prompt for prompt in CORPUS if prompt.name == "emoji"))
 MODELS = ("fast", "paper", "fast-cleanup", "base_only", "nudging_only", "proxy_tuning", "ensemble")
 
 

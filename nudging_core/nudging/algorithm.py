@@ -164,7 +164,8 @@ async def continue_in_chunks(
     first = context.accept_tokens(probe.tokens[:1])
     yield first
     base_text = first.text
-    chunk = probe.tokens[1:]
+    # (A chunk cut inside a split character leaves its first tokens to the next chunk.)
+    chunk = probe.written_tokens[1:]
     finish_reason: str | None = None  # the probe's own finish is not looked at
     while not context.budget.exhausted:
         verdict = judge_chunk(chunk, base_text, context.output, context.params.threshold)
@@ -181,7 +182,7 @@ async def continue_in_chunks(
         if context.budget.exhausted:
             break
         completion = await fetch_chunk()
-        chunk, finish_reason = completion.tokens, completion.finish_reason
+        chunk, finish_reason = completion.written_tokens, completion.finish_reason
     stats.fire("budget_in_continuation")
 
 

@@ -14,6 +14,9 @@ wherever no rule can still drop them:
 - An uncertain token ends the continuation. While holding: if the text up to it is not in
   this round's base text, (a) cannot fire, so the window is judged now; otherwise the window
   is read to its end, since (a) looks at the whole chunk.
+- A window that ends inside a split character (tokens with no text, see
+  `Completion.written_tokens`) leaves those tokens to the next window, as `paper`'s next
+  chunk writes them again.
 """
 
 from __future__ import annotations
@@ -76,15 +79,18 @@ async def continue_streamed(
     base_text = piece.text
     window_size = context.params.chunk_tokens - 1
     windows = 0
+    carried = 0  # tokens with no text that end the last window and start this one
     while not context.budget.exhausted:
-        window = _Window(window_size, context.output, base_text)
+        window = _Window(window_size, context.output, base_text, read=carried)
         verdict: ChunkVerdict | None = None
         stopped = False
+        textless = 0  # the window's last tokens that have no text
         while window.rest > 0:
             token = await next_token(window.held, window.rest)
             if token is None:
                 stopped = True
                 break
+            textless = 0 if token.text else textless + 1
             if not window.holding:
                 window.read += 1
                 if token.top_prob < threshold:
@@ -127,4 +133,5 @@ async def continue_streamed(
             return
         windows += 1
         window_size = context.params.chunk_tokens
+        carried = textless if textless < window_size else 0
     stats.fire("budget_in_continuation")

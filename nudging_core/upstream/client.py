@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
@@ -53,12 +54,16 @@ class RequestScope:
     request_id: str | None = None
     observer: UpstreamObserver | None = None
     _numbers: Iterator[int] = field(default_factory=itertools.count)
+    _nonce: str = field(default_factory=lambda: secrets.token_hex(4))
 
     def upstream_request_id(self) -> str | None:
-        """The X-Request-Id of one upstream request: the client request's id and a number.
-        vLLM makes the header its engine's request id, which must be unique among running
-        requests, and one client request sends many (concurrent probes, say)."""
-        return None if self.request_id is None else f"{self.request_id}-{next(self._numbers)}"
+        """The X-Request-Id of one upstream request: the client request's id, a nonce and a
+        number. vLLM makes the header its engine's request id, which must be unique among
+        running requests: one client request sends many (concurrent probes, say), and two
+        clients may send the same id at once (a retry, a fixed id)."""
+        if self.request_id is None:
+            return None
+        return f"{self.request_id}-{self._nonce}-{next(self._numbers)}"
 
 
 NO_REQUEST_SCOPE = RequestScope()

@@ -45,7 +45,7 @@ from ..openai_api import (
 )
 from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
 from .documents import PROFILES
-from .engine import Engine, Outcome, Step
+from .engine import Engine, Outcome, Step, reported_logprobs
 from .faults import (
     CLOSE_CONNECTION,
     Faults,
@@ -60,7 +60,7 @@ from .faults import (
 from .latency import PROFILE_DEFAULTS, LatencyModel
 from .model import LanguageModel, logprob
 from .protocol import SIMULATOR, SimulatorRequest
-from .tokenizer import tokenize
+from .tokenizer import reported_tokens
 
 
 def default_model_name(profile: str) -> str:
@@ -147,7 +147,7 @@ def create_app(
             answer = await whole_answer_fault(fault, request, engine.stats)
             if answer is not None:
                 return answer
-        tokens = tokenize(prompt)
+        tokens = reported_tokens(prompt)
         return {"count": len(tokens), "max_model_len": max_model_len, "token_strs": tokens}
 
     @app.post("/v1/completions", response_model=None)
@@ -160,7 +160,7 @@ def create_app(
         completion = parse_completion_request(SimulatorRequest, body, max_logprobs, SIMULATOR)
         check_model(completion.model, name, SIMULATOR)
         prompt = completion.prompt_text()
-        prompt_tokens = tokenize(prompt)
+        prompt_tokens = reported_tokens(prompt)
         count = len(prompt_tokens)
         fault = injector.pick("stream" if completion.stream else "non-stream", prompt)
         if fault is not None:
@@ -236,20 +236,20 @@ class _Reply(Reply):
         offsets: list[int] = []
         offset = 0
         for token, distribution in self.model.prompt_distributions(self.prompt):
-            tokens.append(token)
-            offsets.append(offset)
+            value: float | None = None
+            top: dict[str, float] | None = None
+            if distribution is not None:
+                probabilities = dict(distribution)
+                unlisted = max(1.0 - sum(probabilities.values()), 1e-6) / 100
+                value = logprob(probabilities.get(token, unlisted))
+                top = {t: logprob(p) for t, p in distribution[: self.logprobs]}
+                top.setdefault(token, value)
+            for piece, piece_value, piece_top in reported_logprobs(token, value, top):
+                tokens.append(piece)
+                values.append(piece_value)
+                tops.append(piece_top)
+                offsets.append(offset)
             offset += len(token)
-            if distribution is None:
-                values.append(None)
-                tops.append(None)
-                continue
-            probabilities = dict(distribution)
-            unlisted = max(1.0 - sum(probabilities.values()), 1e-6) / 100
-            value = logprob(probabilities.get(token, unlisted))
-            top = {t: logprob(p) for t, p in distribution[: self.logprobs]}
-            top.setdefault(token, value)
-            values.append(value)
-            tops.append(top)
         return logprobs_block(tokens, values, tops, offsets)
 
     def step_logprobs(self, steps: list[Step]) -> dict[str, Any]:

@@ -54,6 +54,10 @@ base EOS              brief, briefly, short, quick, quickly,      no (" That is 
                                                                   content is written; the
                                                                   aligned closing has two
                                                                   sentences)
+emoji                 emoji, emojis, emoticon, emoticons          no (the first content sentence
+                                                                  ends in " 🌍", the aligned
+                                                                  closing in " 💖": split
+                                                                  characters, see tokenizer.py)
 ====================  ==========================================  ==============================
 
 The URL and the markdown rule follow glue where the base is unsure; the aligned loop, the URL
@@ -195,6 +199,9 @@ _CLOSINGS: Final = (
 # A brief answer ends with a closing of two sentences, so that a base that stops after a
 # sentence has a place to do so inside it.
 _BRIEF_CLOSING: Final = "I hope this helps! Let me know if you have any other questions."
+# Characters outside the BMP, which the server reports as several tokens (tokenizer.pieces).
+_CONTENT_EMOJI: Final = " 🌍"
+_CLOSING_EMOJI: Final = " 💖"
 # Alternatives offered where an answer starts (all start with ANSWER_START_WORDS or "\n").
 _START_ALTERNATIVES: Final = ("Sure", "Certainly", "Great", "Absolutely")
 # What a base also considers at a sentence start: the aligned model's kind of glue.
@@ -211,6 +218,7 @@ _KEYWORDS: Final[dict[str, tuple[str, ...]]] = {
     "copy": ("repeat", "again", "remind", "summary", "summarize", "recap"),
     "cycle": ("examples", "forever", "endless", "count", "many"),
     "eos": ("brief", "briefly", "short", "quick", "quickly", "concise", "tldr"),
+    "emoji": ("emoji", "emojis", "emoticon", "emoticons"),
 }
 
 
@@ -224,6 +232,7 @@ class Features:
     base_copy: bool
     base_cycle: bool
     base_eos: bool
+    emoji: bool
 
 
 def _seed(key: str, salt: str) -> int:
@@ -257,6 +266,7 @@ def features_for(question: Question) -> Features:
         base_copy=base_copy,
         base_cycle=_has_keyword(question.key, "cycle") or draws[5] < 1 / 16,
         base_eos=base_eos,
+        emoji=_has_keyword(question.key, "emoji"),
     )
 
 
@@ -345,6 +355,10 @@ def content_for(question: Question) -> Content:
                   else t[:-1] + rng.choice(_CLAUSES) + ".")
         for t in templates[:count]
     ]
+    if features.emoji:
+        first = sentences[0]
+        sentences[0] = Sentence(first.text[:-1] + _CONTENT_EMOJI + ".",
+                                first.lower_start[:-1] + _CONTENT_EMOJI + ".")
     extra = [_sentence(filler, t) for t in templates[count:]]
     related = [filler.fill(t)[0] for t in rng.sample(_RELATED_QUESTIONS, 2)]
     words = sorted({w for w in filler.used if w.isascii() and w.isalpha()} | set(_NOUNS[:8]))
@@ -460,6 +474,8 @@ def _aligned(question: Question) -> Document:
     newlines = features.rule or features.url or rng.random() < 0.5
     if features.base_eos:
         closing, newlines = _BRIEF_CLOSING, True
+    if features.emoji:
+        closing += _CLOSING_EMOJI
     b.add(("\n\n" if newlines else " ") + closing, HIGH, HIGH)
     b.eos(EOS_ALIGNED)
     return b.doc

@@ -16,7 +16,7 @@ from ..openai_api import Counters, Sampling
 from .documents import EOS
 from .latency import LatencyModel, PrefixCache, Schedule
 from .model import Distribution, LanguageModel, logprob
-from .tokenizer import tokenize
+from .tokenizer import pieces, reported_tokens
 
 
 @dataclass(slots=True)
@@ -34,7 +34,7 @@ class Step:
     """One generated token (EOS included, with empty text, as vLLM reports it)."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None only where vLLM has none (a prompt's first token)
     top_logprobs: dict[str, float] | None
     offset: int  # where the token starts in the generated text
     text: str  # text released to the client with this step (stop strings held back)
@@ -86,6 +86,24 @@ def top_logprobs(distribution: Distribution, k: int, chosen: int) -> dict[str, f
     return entries
 
 
+def reported_logprobs(token: str, value: float | None, top: dict[str, float] | None,
+                      ) -> list[tuple[str, float | None, dict[str, float] | None]]:
+    """Each token the server reports for `token` (see tokenizer.pieces), with its logprob
+    and top-k dict.
+
+    The first byte token of a split character carries the choice; the others are certain.
+    Every candidate that starts a split character decodes to "" at the first one, so they
+    share one key there and, as in vLLM, the last of them (the least likely) sets its value,
+    which can be below the chosen token's own logprob.
+    """
+    reported = pieces(token)
+    if len(reported) == 1:
+        return [(token, value, top)]
+    first_top = None if top is None else {pieces(t)[0]: lp for t, lp in top.items()}
+    return [("", value, first_top)] + [(piece, 0.0, None if top is None else {piece: 0.0})
+                                      for piece in reported[1:]]
+
+
 def find_stop(text: str, new_chars: int, stops: Sequence[str]) -> tuple[int, str] | None:
     """The first stop string (in request order) that the last `new_chars` characters complete."""
     for stop in stops:
@@ -127,7 +145,7 @@ class Engine:
                 yield step
             if outcome.finish_reason is None:
                 outcome.finish_reason = "length"
-            self.cache.add(prompt_tokens + tokenize(outcome.text))
+            self.cache.add(prompt_tokens + reported_tokens(outcome.text))
         finally:
             stats.open_requests -= 1
             if outcome.finish_reason is None:
@@ -143,19 +161,25 @@ class Engine:
         hold = max((len(s) for s in stops), default=1) - 1  # chars that may start a stop string
         generated = ""
         released = 0
-        for index in range(sampling.max_tokens):
-            await schedule.next_token()  # every token costs a forward pass, the first included
+        while outcome.completion_tokens < sampling.max_tokens:
             distribution = cursor.distribution()
             chosen = choose(distribution, sampling.temperature, sampling.top_p, rng)
             token, probability = distribution[chosen]
             offset = len(generated)
             top = (top_logprobs(distribution, sampling.logprobs, chosen)
                    if sampling.logprobs is not None else None)
-            outcome.completion_tokens += 1
-            self.stats.tokens_generated += 1
-            last = index == sampling.max_tokens - 1
+            # A split character's byte tokens come first, with no text.
+            *leading, (_, value, top) = reported_logprobs(token, logprob(probability), top)
+            for _, piece_value, piece_top in leading:
+                if await self._count_token(schedule, outcome, sampling.max_tokens):
+                    outcome.text = generated
+                    outcome.finish_reason = "length"
+                    yield Step("", piece_value, piece_top, offset, generated[released:], "length")
+                    return
+                yield Step("", piece_value, piece_top, offset, "")
+            last = await self._count_token(schedule, outcome, sampling.max_tokens)
             if token == EOS:
-                step = Step(token, logprob(probability), top, offset, generated[released:], "stop")
+                step = Step(token, value, top, offset, generated[released:], "stop")
                 outcome.text = generated
                 outcome.finish_reason = "stop"
                 yield step
@@ -168,16 +192,23 @@ class Engine:
                 text = generated[released:cut] if cut > released else ""
                 outcome.text = generated[:cut]
                 outcome.finish_reason, outcome.stop_reason = "stop", stop
-                yield Step(token, logprob(probability), top, offset, text, "stop", stop)
+                yield Step(token, value, top, offset, text, "stop", stop)
                 return
             if last:
                 outcome.text = generated
                 outcome.finish_reason = "length"
-                yield Step(token, logprob(probability), top, offset, generated[released:],
+                yield Step(token, value, top, offset, generated[released:],
                            "length")
                 return
             releasable = max(released, len(generated) - hold)
             text = generated[released:releasable]
             released = releasable
             outcome.text = generated
-            yield Step(token, logprob(probability), top, offset, text)
+            yield Step(token, value, top, offset, text)
+
+    async def _count_token(self, schedule: Schedule, outcome: Outcome, max_tokens: int) -> bool:
+        """Pay for one generated token; whether it is the last the budget allows."""
+        await schedule.next_token()  # every token costs a forward pass, the first included
+        outcome.completion_tokens += 1
+        self.stats.tokens_generated += 1
+        return outcome.completion_tokens == max_tokens

@@ -15,6 +15,11 @@ and ``"".join(tokenize(text)) == text``. Matching is greedy from the left and a 
 depends only on the character right after it, so appending text can change only the last token
 of a text. The model uses :func:`can_follow` to emit only tokens that keep the earlier tokens
 intact, which makes its output re-tokenize stably.
+
+What the server reports is finer for characters outside the Basic Multilingual Plane (emoji):
+a byte-level BPE model writes such a character as several byte tokens, and vLLM 0.32 sends ""
+for each one that does not complete it and the whole token's text on the one that does.
+:func:`pieces` gives those reported tokens; the model itself works on whole tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +38,23 @@ def tokenize(text: str) -> list[str]:
 
 
 def count_tokens(text: str) -> int:
-    return sum(1 for _ in TOKEN_PATTERN.finditer(text))
+    """How many tokens the server reports for `text` (split characters count their pieces)."""
+    return len(reported_tokens(text))
+
+
+def pieces(token: str) -> list[str]:
+    """The tokens the server reports for one model token: ``["", "", " 💖"]`` for ``" 💖"``.
+
+    Each character outside the BMP takes three byte tokens (as SmolLM2's tokenizer writes
+    most emoji); the ones before the last have no text of their own.
+    """
+    split_chars = sum(1 for char in token if ord(char) > 0xFFFF)
+    return [""] * (2 * split_chars) + [token]
+
+
+def reported_tokens(text: str) -> list[str]:
+    """`text` as the server's tokenizer reports it: :func:`tokenize`, with split characters."""
+    return [piece for token in tokenize(text) for piece in pieces(token)]
 
 
 def is_word_char(char: str) -> bool:
