@@ -32,6 +32,7 @@ STATIC = Path(__file__).parent / "static"
 ASSETS = {
     "playground.css": "text/css; charset=utf-8",
     "playground.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 # The page may talk to its own origin only (and draws nothing it does not ship).
 SECURITY_HEADERS = {
