@@ -375,7 +375,8 @@
               + `the base model did not take over here at γ ${gamma} (the API reports no top-1 `
               + "probabilities for a nudged answer)"
             : `base model (${current.base_model}) · round ${chunk.round}\n`
-              + `took over from the aligned words and wrote until a token fell below γ ${gamma}`;
+              + `took over after the aligned words; writes until a token falls below γ ${gamma} `
+              + "(or a repetition guard ends it)";
           segment.append(piece);
         }
         nodes.push(segment);
@@ -387,8 +388,12 @@
       output.scrollTop = scroll;
     }
 
+    // Stop now: the pane says so at once (a new run may take it over before the aborted
+    // fetch settles), and closing the connection makes the proxy cancel its upstream requests.
     cancel() {
+      if (this.ended) return;
       this.controller.abort();
+      this.stopped();
     }
   }
 
@@ -402,6 +407,12 @@
     const busy = running.some((run) => !run.ended);
     ui.stop.disabled = !busy;
     document.body.dataset.running = busy ? "true" : "false";
+    if (busy || !running.length) return;
+    const failed = running.filter((run) => run.pane.root.dataset.state === "error").length;
+    const stopped = running.some((run) => run.pane.root.dataset.state === "stopped");
+    if (failed) notice(`${failed} of ${running.length} requests failed: the message is in the pane.`, true);
+    else if (stopped) notice("Stopped: the requests were cancelled.");
+    else notice("Done. Hover the nudged answer's words for their round, the base model's for its top-1 probability.");
   }
 
   function stop() {
