@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -357,3 +358,18 @@ def test_a_pane_without_a_sibling_says_so(browser: Any, simulators: dict[str, st
             assert opened.api_bodies().keys() == {"sim-nudged", "sim-aligned"}
         finally:
             opened.close()
+
+
+def test_assets_are_the_packages_own_files(stack: Stack) -> None:
+    page = httpx.get(stack.proxy + "/playground")
+    assert page.status_code == 200
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert "connect-src 'self'" in page.headers["content-security-policy"]
+    linked = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert linked and all(link.startswith("/playground/") for link in linked), linked
+    for link in linked:
+        asset = httpx.get(stack.proxy + link)
+        assert asset.status_code == 200, link
+        # No other host, no web font, no import: everything the page draws is in the package.
+        text = asset.text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a request
+        assert not re.search(r"https?://|@import|@font-face|url\(", text), link
