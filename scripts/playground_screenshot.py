@@ -43,10 +43,11 @@ def main() -> None:
             if time.monotonic() - started > args.timeout:
                 raise SystemExit(f"the answers did not finish within {args.timeout} s")
             time.sleep(0.2)
-        # Point at the first word the aligned model wrote, so its tooltip is in the picture.
+        # Point at the last words the aligned model wrote, so their tooltip is in the picture
+        # (below the text, where it hides nothing).
         marked = page.locator("#pane-nudged .seg[data-source=nudging] .piece")
-        if marked.count() > 1:
-            marked.nth(1).hover()
+        if marked.count():
+            marked.last.hover()
         page.screenshot(path=args.out)
         states = page.evaluate("['base', 'aligned', 'nudged'].map(n => "
                                "document.querySelector('#pane-' + n).dataset.state)")
