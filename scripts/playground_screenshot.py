@@ -22,12 +22,14 @@ def main() -> None:
     parser.add_argument("--question", default="Why is the sky blue?")
     parser.add_argument("--system", default="")
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--size", default="1440x900", help="the window, WIDTHxHEIGHT")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the three answers")
     args = parser.parse_args()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        width, height = (int(n) for n in args.size.split("x"))
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(args.url.rstrip("/") + "/playground")
         page.locator("#model option").first.wait_for(state="attached")
         if args.model:

@@ -167,6 +167,13 @@ class Page:
     def stat(self, pane: str, key: str) -> str:
         return str(self.page.text_content(f"#pane-{pane} [data-stat={key}]"))
 
+    def layout(self) -> list[list[float]]:
+        """Where the page's fixed parts are: controls, panes, their headers, outputs, stats."""
+        return list(self.page.eval_on_selector_all(
+            ".top, #notice, .pane, .pane > header, .status, [data-output], [data-stats], .legend",
+            "els => els.map(e => { const r = e.getBoundingClientRect(); "
+            "return [r.x, r.y, r.width, r.height]; })"))
+
     def api_bodies(self) -> dict[str, dict[str, Any]]:
         """The bodies the page posted to the API, by model."""
         bodies = {}
@@ -203,9 +210,14 @@ def replay(stack: Stack, body: dict[str, Any], headers: dict[str, str] | None = 
 def test_run_streams_three_panes_and_marks_the_aligned_models_words(page: Page, stack: Stack) -> None:
     started = time.monotonic()
     page.open()
+    before = page.layout()
     page.ask(QUESTION, threshold=0.4)
+    page.wait_for("document.querySelector('#pane-nudged .chunk') !== null", 30)
+    streaming = page.layout()
     page.wait_until_settled()
     ran = time.monotonic() - started
+    # Nothing moves while the answers stream or when they end.
+    assert before == streaming == page.layout()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.page.screenshot(path=str(ARTIFACTS / "playground-sim.png"))
     assert [page.state(name) for name in ("base", "aligned", "nudged")] == ["done"] * 3, page.console
@@ -237,6 +249,29 @@ def test_run_streams_three_panes_and_marks_the_aligned_models_words(page: Page, 
     assert page.stat("nudged", "requests") == str(sum(report["upstream_requests"].values()))
     for pane in ("base", "aligned", "nudged"):
         assert page.stat(pane, "ttft").endswith(" s") and page.stat(pane, "total").endswith(" s")
+
+    # Marking the aligned model's words moves no text: every piece starts where it would
+    # unmarked (split into spans, text may be shaped a fraction of a pixel apart).
+    moved = page.page.eval_on_selector("#pane-nudged [data-output]", """output => {
+        const at = (node, offset) => { const range = document.createRange();
+            range.setStart(node, offset); range.setEnd(node, offset + 1);
+            const r = range.getBoundingClientRect(); return [r.x, r.y]; };
+        const starts = [];
+        const walker = document.createTreeWalker(output, NodeFilter.SHOW_TEXT);
+        let offset = 0;
+        while (walker.nextNode()) {
+            const node = walker.currentNode;
+            if (node.length && node.data[0].trim()) starts.push([offset, at(node, 0)]);
+            offset += node.length;
+        }
+        const nodes = [...output.childNodes];
+        output.textContent = output.textContent;
+        const plain = output.firstChild;
+        const moved = starts.filter(([i, [x, y]]) => {
+            const [px, py] = at(plain, i); return Math.abs(px - x) >= 1 || Math.abs(py - y) >= 1; });
+        output.replaceChildren(...nodes);
+        return [starts.length, moved]; }""")
+    assert moved[0] > 2 and moved[1] == [], moved
 
     # The other panes show what their models write alone.
     assert page.text("base") == replay(stack, bodies["sim-base"])["message"]["content"]
