@@ -302,6 +302,7 @@ def test_stop_cancels_every_request(page: Page, stack: Stack) -> None:
     while stack.open_requests() and time.monotonic() - stopped < 1.0:
         time.sleep(0.02)
     assert stack.open_requests() == 0, "the simulators still serve requests 1 s after Stop"
+    print(f"Stop: no open upstream request after {time.monotonic() - stopped:.2f} s")
     page.wait_until_settled(timeout=5)
     assert page.state("nudged") == "stopped"
     assert page.page.is_disabled("#stop")
@@ -408,3 +409,23 @@ def test_assets_are_the_packages_own_files(stack: Stack) -> None:
         # No other host, no web font, no import: everything the page draws is in the package.
         text = asset.text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a request
         assert not re.search(r"https?://|@import|@font-face|url\(", text), link
+
+
+def test_an_error_after_text_shows_under_it(page: Page, stack: Stack) -> None:
+    page.open()
+    stack.set_faults("aligned", "kind=stream:stream_cut=6")
+    try:
+        page.ask(QUESTION, max_tokens=32)
+        page.wait_until_settled()
+    finally:
+        stack.set_faults("aligned", "")
+    assert page.state("base") == "done"
+    assert page.state("aligned") == "error"
+    assert page.text("aligned"), "the text before the failure stays"
+    # Streamed after its first words: the stream's error event, under the text.
+    message = page.page.text_content("#pane-aligned .error-box")
+    assert message.startswith("upstream_error: The nudging model's server failed"), message
+    # The nudged answer's first lookahead failed (and its retry): an HTTP error before any text.
+    assert page.state("nudged") == "error"
+    assert page.page.text_content("#pane-nudged .error-box").startswith("HTTP 502 · upstream_error")
+    assert page.foreign_requests() == []
