@@ -429,3 +429,21 @@ def test_an_error_after_text_shows_under_it(page: Page, stack: Stack) -> None:
     assert page.state("nudged") == "error"
     assert page.page.text_content("#pane-nudged .error-box").startswith("HTTP 502 · upstream_error")
     assert page.foreign_requests() == []
+
+
+def test_run_again_while_running_replaces_the_answers(page: Page, stack: Stack) -> None:
+    page.open()
+    page.ask(QUESTION, max_tokens=64)
+    page.wait_for("document.querySelector('#pane-nudged .chunk') !== null", 30)
+    page.page.keyboard.press("Control+Enter")
+    page.wait_until_settled()
+    assert [page.state(name) for name in ("base", "aligned", "nudged")] == ["done"] * 3
+    posts = [r for r in page.requests if r.method == "POST" and r.url.endswith("/v1/chat/completions")]
+    assert len(posts) == 6
+    # The second answers alone fill the panes.
+    nudged = replay(stack, page.api_bodies()["sim-nudged"])
+    assert page.text("nudged") == nudged["message"]["content"]
+    deadline = time.monotonic() + 1
+    while stack.open_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.open_requests() == 0
