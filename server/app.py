@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from . import playground
 from .auth import APIKeyMiddleware, open_paths
 from .config import Config
 from .errors import install_error_handlers
@@ -34,6 +35,7 @@ def create_app(config: Config) -> FastAPI:
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(router)
+    playground.install(app, config)
     server = config.server
     app.state.limits = server.limits
     app.state.metrics = metrics = Metrics()
@@ -43,7 +45,9 @@ def create_app(config: Config) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=server.limits.max_body_bytes)
     keys = server.api_keys()
     if keys:
-        app.add_middleware(APIKeyMiddleware, keys=keys, open_paths=open_paths(server))
+        # The playground's paths check keys themselves (a browser page cannot send a bearer token).
+        unguarded = open_paths(server) | playground.paths(server)
+        app.add_middleware(APIKeyMiddleware, keys=keys, open_paths=unguarded)
     if server.cors.allow_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=server.cors.allow_origins, allow_methods=["*"],

@@ -203,6 +203,9 @@ class ServerConfig(Strict):
         30, ge=0, description="on SIGTERM, how long in-flight requests may run before they are ended"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    playground: bool = Field(
+        False, description="serve the browser playground at /playground (behind the API keys when set)"
+    )
 
     @field_validator("api_keys_file")
     @classmethod
