@@ -13,11 +13,16 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from nudging_core.upstream import UpstreamClient
 from nudging_core.upstream.dialects import OpenAICompletions
@@ -398,10 +403,76 @@ def test_passthrough_forwards_the_client_s_fields(proxy: httpx.Client, gemma: ht
     penalised = _ok(proxy.post("/v1/completions", json={"model": "gemma-base", **request}))["choices"][0]["text"]
     assert penalised == _direct(gemma, GEMMA, **request)["choices"][0]["text"]
     assert penalised != _direct(gemma, GEMMA, prompt=repeating, max_tokens=8)["choices"][0]["text"]
+    # A sampled answer is the one vLLM gives for the client's seed.
+    sampled = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 1.0, "seed": 7}
+    ours = _ok(proxy.post("/v1/completions", json={"model": "gemma-base", **sampled}))["choices"][0]["text"]
+    assert ours == _direct(gemma, GEMMA, **sampled)["choices"][0]["text"]
     chat = _ok(proxy.post("/v1/chat/completions", json={
         "model": "smollm-instruct", "messages": CHAT, "max_tokens": 8, "min_tokens": 8, "ignore_eos": True,
         "stop": ["\n"]}))
     assert chat["usage"]["completion_tokens"] <= 8
+
+
+# --- What vLLM sees of the proxy's requests --------------------------------------------------
+
+def _relay(target: str, engine_ids: list[str]) -> Starlette:
+    """Forwards every request to `target` and notes the id vLLM gives each completion."""
+    client = httpx.AsyncClient(base_url=target, timeout=300)
+
+    async def forward(request: Request) -> Response:
+        answer = await client.request(request.method, request.url.path, content=await request.body(),
+                                      headers={k: v for k, v in request.headers.items() if k != "host"})
+        if request.url.path.endswith("/completions") and answer.status_code == 200:
+            engine_ids.append(answer.json()["id"])
+        return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
+
+
+def test_vllm_s_request_ids_are_unique_when_clients_reuse_one(vllm: VllmPair) -> None:
+    # vLLM makes X-Request-Id its engine's request id ("cmpl-<id>"), which must be unique among
+    # running requests (vLLM 0.32 accepts a duplicate and mixes their bookkeeping up).
+    engine_ids: list[str] = []
+    with running(_relay(vllm.gemma_url, engine_ids)) as relay_url:
+        models = [{**model, "base": {**model["base"], "url": relay_url + "/v1"}}
+                  for model in _models(vllm) if model["name"] == "gemma-nudged"]
+        with running(create_app(parse_config({"models": models}))) as proxy_url:
+            body = {"model": "gemma-nudged", "messages": CHAT, "max_tokens": 24,
+                    "nudging": {"strategy": "paper"}}
+
+            def ask(_: int) -> httpx.Response:
+                return httpx.post(proxy_url + "/v1/chat/completions", json=body, timeout=300,
+                                  headers={"X-Request-Id": "the-same-id"})
+
+            with ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(ask, range(2)))
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert answers[0].json()["choices"][0]["message"] == answers[1].json()["choices"][0]["message"]
+    assert len(engine_ids) >= 4 and all(i.startswith("cmpl-the-same-id-") for i in engine_ids)
+    assert len(set(engine_ids)) == len(engine_ids), engine_ids
+
+
+def _prefix_cache_hits(server: httpx.Client) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith("vllm:prefix_cache_hits_total{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no vllm:prefix_cache_hits_total in /metrics")
+
+
+def test_nudging_rounds_reuse_the_base_s_prefix_cache(proxy: httpx.Client, gemma: httpx.Client) -> None:
+    # Every round of a nudged answer sends the base the same prompt and the answer so far, so
+    # vLLM serves all but the first request's prompt largely from its prefix cache. On the CPU
+    # a cache block holds 128 tokens: a prompt of over 256 tokens reuses at least two blocks.
+    long_question = "Here is some context. " + "The sea is wide and the sky is blue. " * 40 + "Why is the sky blue?"
+    before = _prefix_cache_hits(gemma)
+    body = _ok(proxy.post("/v1/chat/completions", json={
+        "model": "gemma-nudged", "messages": [{"role": "user", "content": long_question}], "max_tokens": 32,
+        "nudging": {"strategy": "paper", "return_provenance": True}}))
+    hits = _prefix_cache_hits(gemma) - before
+    base_requests = body["choices"][0]["nudging"]["upstream_requests"]["base"]
+    assert body["usage"]["prompt_tokens"] > 256
+    TIMINGS.notes.append(f"prefix cache: {base_requests} base requests, {hits:.0f} prompt tokens from the cache")
+    assert base_requests >= 2 and hits >= 256 * (base_requests - 1), (base_requests, hits)
 
 
 # --- paper and fast on the same greedy prompts ---------------------------------------------
