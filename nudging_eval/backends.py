@@ -25,7 +25,6 @@ from server.runs import generation_requests
 from .datasets import Sample
 
 
-
 @dataclass(frozen=True, slots=True)
 class AnswerOptions:
     """What a run asks of the answerer besides the sample; None: the model's configuration."""

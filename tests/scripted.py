@@ -93,7 +93,9 @@ class ScriptedUpstream:
             # "token ids", one per character.
             body = await request.json()
             if "messages" in body:
-                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"])
+                text = "".join(
+                    f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"]
+                )
                 text += "<|im_start|>assistant\n"
                 return {"tokens": [ord(c) for c in text], "count": len(text), "max_model_len": 4096}
             return {"count": len(body["prompt"]), "max_model_len": 4096}

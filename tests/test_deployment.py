@@ -77,7 +77,8 @@ def _option(command: list[str], name: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def compose() -> Compose:
-    return yaml.safe_load(COMPOSE.read_text())  # expands the file's YAML anchors and merges
+    compose: Compose = yaml.safe_load(COMPOSE.read_text())  # expands the file's YAML anchors and merges
+    return compose
 
 
 def _services(compose: Compose, profile: str) -> dict[str, dict[str, Any]]:
@@ -211,7 +212,8 @@ def _instructions(dockerfile: DockerfileParser, name: str) -> list[str]:
 
 def _final_stage(dockerfile: DockerfileParser) -> list[dict[str, Any]]:
     froms = [index for index, item in enumerate(dockerfile.structure) if item["instruction"] == "FROM"]
-    return dockerfile.structure[froms[-1]:]
+    stage: list[dict[str, Any]] = dockerfile.structure[froms[-1]:]
+    return stage
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:

@@ -396,8 +396,9 @@ def test_faulted_answers_look_as_documented(simulator: str) -> None:
     assert no_logprobs["choices"][0]["logprobs"] is None and no_logprobs["choices"][0]["text"]
     overflow = answer("context_overflow", False)
     assert overflow.status_code == 400
-    assert overflow.json()["error"]["message"].startswith("This model's maximum context length is 4096 tokens. "
-                                                          "However, your prompt contains ")
+    assert overflow.json()["error"]["message"].startswith(
+        "This model's maximum context length is 4096 tokens. However, your prompt contains "
+    )
     malformed = answer("malformed", False)
     with pytest.raises(ValueError):
         malformed.json()

@@ -19,7 +19,6 @@ import asyncio
 import ctypes
 import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,10 +44,13 @@ import llama_cpp
 from upstreams.local import weights
 from upstreams.local.app import create_app
 from upstreams.local.cli import add_arguments
-from upstreams.local.generation import Outcome, Prefill, Sampling, generate
+from upstreams.local.generation import Outcome, Prefill, generate
 from upstreams.local.text import StopStrings, Utf8Pieces
+from upstreams.openai_api import Sampling
 
 from .servers import running
+
+pytestmark = pytest.mark.real_model
 
 try:
     SMOLLM_PATH = weights.smollm_path()

@@ -238,7 +238,11 @@ def script_takeover_after_first_word(pair: Scripted) -> None:
     prefix of " sky"), continues " is blue" and is uncertain at "."; the nudger then stops."""
     pair.nudger.add(PN, toks(" Sure! The sky is"), eos=False)
     pair.base.add(PB + " Sure!", [(" Well", 0.2)], eos=False)
-    pair.base.add(PB + " Sure! The", [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (".", 0.3), (" Next", 0.5)], eos=False)
+    pair.base.add(
+        PB + " Sure! The",
+        [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (".", 0.3), (" Next", 0.5)],
+        eos=False,
+    )
     pair.nudger.add(PN + " Sure! The sky is blue", [(".", 0.9), (" Bye", 0.9)], eos=True)
 
 
@@ -368,7 +372,11 @@ async def test_nudger_stop_appends_whole_lookahead(pair: Scripted) -> None:
     assert out.text == " Hello world  again"
     assert pair.calls() == [n("")]
     assert out.stats.rules == {"nudger_stop": 1}
-    assert (out.stats.stop_reason, out.finish_reason, out.completion_tokens) == ("nudging_model_stop", "stop", 4)
+    assert (out.stats.stop_reason, out.finish_reason, out.completion_tokens) == (
+        "nudging_model_stop",
+        "stop",
+        4,
+    )
 
 
 async def test_nudger_length_is_not_a_stop(pair: Scripted) -> None:
@@ -557,7 +565,11 @@ async def test_fourth_identical_nudging_words_end_without_appending(pair: Script
     out = await pair.run(**runs(lookahead_tokens=1))
     assert out.text == " la la la"
     assert pair.calls() == [n("", 1), n(" la", 1), n(" la la", 1), n(" la la la", 1)]
-    assert (out.stats.stop_reason, out.finish_reason, out.stats.rounds) == ("repeated_nudging_words", "stop", 4)
+    assert (out.stats.stop_reason, out.finish_reason, out.stats.rounds) == (
+        "repeated_nudging_words",
+        "stop",
+        4,
+    )
     assert out.stats.rules["repeated_nudging_words"] == 1
 
 
@@ -765,8 +777,16 @@ async def test_copy_guard_more_than_five_pieces_in_output_stops(pair: Scripted, 
     pair.nudger.add(PN + " one two three four five six So one", toks("."), eos=True)
     out = await pair.run(**runs(strategy=strategy, lookahead_tokens=7))
     assert out.text == " one two three four five six So one."
-    expect_calls(pair, strategy, -3, [n(" one two three four five six", 7), b(" one two three four five six So"),
-                                 n(" one two three four five six So one", 7)])
+    expect_calls(
+        pair,
+        strategy,
+        -3,
+        [
+            n(" one two three four five six", 7),
+            b(" one two three four five six So"),
+            n(" one two three four five six So one", 7),
+        ],
+    )
     assert out.stats.rules["chunk_copies_output"] == 1
     assert "uncertain_token" not in out.stats.rules
 
@@ -793,14 +813,26 @@ async def test_copy_guard_sees_acc(pair: Scripted, strategy: str) -> None:
     pair.nudger.add(PN, toks(" a b c So"), eos=False)
     for prefix in (" a", " a b"):
         pair.base.add(PB + prefix, [(" z", 0.1)], eos=False)
-    pair.base.add(PB + " a b c", [(" So", 0.1), (" d", 0.9), (" e", 0.9), (" f", 0.9), (" g", 0.9)], eos=False)
+    pair.base.add(
+        PB + " a b c", [(" So", 0.1), (" d", 0.9), (" e", 0.9), (" f", 0.9), (" g", 0.9)], eos=False
+    )
     pair.base.add(PB + " a b c So d e f g", toks(" a b c So d"), eos=False)
     pair.nudger.add(PN + " a b c So d e f g", toks("."), eos=True)
     out = await pair.run(**runs(strategy=strategy, lookahead_tokens=4, chunk_tokens=5))
     # " a b c So d" (6 pieces) occurs in out + acc = " a b c" + " So d e f g": stop without adding.
     assert out.text == " a b c So d e f g."
-    expect_calls(pair, strategy, [n("", 4), b(" a", 5), b(" a b", 5), b(" a b c", 5), b(" a b c So d e f g", 5),
-                            n(" a b c So d e f g", 4)])
+    expect_calls(
+        pair,
+        strategy,
+        [
+            n("", 4),
+            b(" a", 5),
+            b(" a b", 5),
+            b(" a b c", 5),
+            b(" a b c So d e f g", 5),
+            n(" a b c So d e f g", 4),
+        ],
+    )
     assert out.stats.rules["chunk_copies_output"] == 1
 
 
@@ -1098,7 +1130,9 @@ async def test_budget_cuts_the_stopped_nudgers_lookahead(
         (("nowhere",), TAKEOVER_TEXT, 4),
     ],
 )
-async def test_stop_strings_across_pieces(pair: Scripted, stop: tuple[str, ...], text: str, calls: int) -> None:
+async def test_stop_strings_across_pieces(
+    pair: Scripted, stop: tuple[str, ...], text: str, calls: int
+) -> None:
     script_takeover_after_first_word(pair)
     out = await pair.run(stop=stop, **runs(lookahead_tokens=4))
     assert out.text == text
@@ -1126,7 +1160,9 @@ async def test_seeds_are_derived_per_round_and_role(pair: Scripted) -> None:
     rounds = [1, 1, 1, 1, 1, 1, 2]
     roles = {"n": "nudging", "b": "base"}
     assert [(e["role"], e["body"]["seed"]) for e in pair.entries()] == [
-        (e["role"], derive_seed(7, 0, r, roles[e["role"]])) for e, r in zip(pair.entries(), rounds, strict=True)]
+        (e["role"], derive_seed(7, 0, r, roles[e["role"]]))
+        for e, r in zip(pair.entries(), rounds, strict=True)
+    ]
 
 
 def test_defaults() -> None:

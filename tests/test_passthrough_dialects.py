@@ -31,8 +31,10 @@ def llama_server() -> Starlette:
 async def test_base_only_over_llama_server_keeps_its_text() -> None:
     with running(llama_server()) as url:
         client = UpstreamClient(url + "/v1", "m", role="base")
-        generation = Generation(GenerationRequest(method="base_only", max_tokens=5, base_prompt="The capital of France is"),
-                                {"base": client})
+        generation = Generation(
+            GenerationRequest(method="base_only", max_tokens=5, base_prompt="The capital of France is"),
+            {"base": client},
+        )
         try:
             text = "".join([piece.text async for piece in generation.pieces()])
         finally:

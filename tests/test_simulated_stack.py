@@ -175,8 +175,19 @@ def test_sim_stack_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     with running(create_simulator("base", time_scale=0)) as stranger:
         port = int(stranger.rsplit(":", 1)[1])
         config = tmp_path / "stack.yaml"
-        config.write_text(yaml.safe_dump({"models": [
-            {"name": "b", "method": "base_only", "base": {"url": f"http://127.0.0.1:{port}/v1", "model": "base"}}]}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "models": [
+                        {
+                            "name": "b",
+                            "method": "base_only",
+                            "base": {"url": f"http://127.0.0.1:{port}/v1", "model": "base"},
+                        }
+                    ]
+                }
+            )
+        )
         done = subprocess.run([sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
                                "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0

@@ -125,8 +125,8 @@ def test_an_upstream_that_keeps_failing_stops_the_stack_with_status_1(stack: Sta
         os.kill(stack.aligned_pid(), signal.SIGKILL)
         if attempt < MAX_RESTARTS:
             restarted = f"restarting 'aligned' ({attempt + 1} of {MAX_RESTARTS})"
-            _wait(lambda: restarted in stack.output() and _ready(stack) == 200, STARTUP_SECONDS,
-                  f"restart {attempt + 1} did not serve", stack)
+            _wait(lambda text=restarted: text in stack.output() and _ready(stack) == 200,
+                  STARTUP_SECONDS, f"restart {attempt + 1} did not serve", stack)
     assert stack.process.wait(timeout=60) == 1
     output = stack.output()
     assert f"the upstream 'aligned' failed {MAX_RESTARTS + 1} times; stopping" in output

@@ -29,8 +29,11 @@ MODELS = ("fast", "paper", "fast-cleanup", "base_only", "nudging_only", "proxy_t
 @pytest.fixture(scope="module")
 def proxy() -> Iterator[str]:
     with ExitStack() as stack:
-        urls = {profile: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100))) + "/v1"
-                for profile in ("base", "aligned", "aligned-base")}
+        urls = {
+            profile: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100)))
+            + "/v1"
+            for profile in ("base", "aligned", "aligned-base")
+        }
         base = {"url": urls["base"], "model": "base"}
         aligned = {"url": urls["aligned"], "model": "aligned", "chat_template": "chatml"}
         config = parse_config({"models": [
