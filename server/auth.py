@@ -7,8 +7,10 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .config import ServerConfig
-from .errors import unauthorized
+from nudging_core.config import ServerConfig
+from nudging_core.errors import unauthorized
+
+from .errors import error_response
 
 HEALTH_PATHS = frozenset({"/health", "/ready"})
 METRICS_PATHS = frozenset({"/metrics"})
@@ -47,4 +49,4 @@ class APIKeyMiddleware:
         if _authorized(headers.get("authorization"), self.keys):
             await self.app(scope, receive, send)
             return
-        await unauthorized().to_response()(scope, receive, send)
+        await error_response(unauthorized())(scope, receive, send)

@@ -12,12 +12,12 @@ import uvicorn
 from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
+from nudging_core.config import Config, ConfigError, load_config
 from nudging_eval import cli as evaluation
 from upstreams.local import cli as local_upstream
 from upstreams.simulator import app as simulator
 
 from .app import create_app
-from .config import Config, ConfigError, load_config
 from .logs import configure_logging, secrets_of
 from .stack import Launcher, local_launcher, run_stack, simulator_launcher
 

@@ -17,9 +17,8 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from nudging_core.config import Config
 from nudging_core.upstream.client import request_scope
-
-from .config import Config
 
 access_log = logging.getLogger("nudging_proxy.access")
 upstream_log = logging.getLogger("nudging_proxy.upstream")

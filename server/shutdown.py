@@ -13,7 +13,9 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import SERVER_ERROR, APIError
+from nudging_core.errors import SERVER_ERROR, APIError
+
+from .errors import error_response
 from .observability import note_stream_error
 
 
@@ -59,4 +61,4 @@ class EndRequestsOnShutdown:
                 await send({"type": "http.response.body", "body": _final_events(), "more_body": False})
                 note_stream_error()
             else:
-                await shutting_down().to_response()(scope, receive, send)
+                await error_response(shutting_down())(scope, receive, send)

@@ -27,9 +27,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from nudging_core.baselines import TOP_K
+from nudging_core.config import Config, ConfigError, UpstreamConfig
 from upstreams.exits import describe_exit
-
-from .config import Config, ConfigError, UpstreamConfig
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 SIMULATOR_PROFILES = frozenset({"base", "aligned", "aligned-base"})

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app
-from server.config import parse_config
 
 from .scripted import ScriptedUpstream
 from .servers import running

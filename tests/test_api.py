@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app
-from server.config import parse_config
 
 from .conftest import BASE_PROMPT, NUDGER_PROMPT, USER
 from .servers import running

@@ -30,12 +30,12 @@ from nudging_core.baselines import (
     proxy_tuning_choice,
     proxy_tuning_round,
 )
+from nudging_core.config import ConfigError, load_config, parse_config
 from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
 from nudging_core.types import Completion, GenerationStats, Role, Token
 from nudging_core.upstream import UpstreamClient
 from server.app import create_app as create_proxy
-from server.config import ConfigError, load_config, parse_config
 from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nudging_core.config import ConfigError, load_config, parse_config
 from server.app import create_app
-from server.config import ConfigError, load_config, parse_config
 
 from .servers import running
 

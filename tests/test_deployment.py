@@ -28,9 +28,9 @@ from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import all_versions
 
 from nudging_core.baselines import TOP_K
+from nudging_core.config import Config, UpstreamConfig, load_config, parse_config
 from server.app import create_app
 from server.cli import build_parser
-from server.config import Config, UpstreamConfig, load_config, parse_config
 
 from .servers import free_port, running
 

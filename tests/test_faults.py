@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 from upstreams.simulator.faults import COMPLETIONS, Fault, Faults, FaultSpecError, parse_faults
 

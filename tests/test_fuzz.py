@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from nudging_core.config import parse_config
+from nudging_core.protocol import ChatCompletionRequest, CompletionRequest
 from server.app import create_app
-from server.config import parse_config
-from server.protocol import ChatCompletionRequest, CompletionRequest
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import running

@@ -98,7 +98,8 @@ class Reference:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def tokenize(self, prompt: str) -> list[int]:
-        return self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        tokens: list[int] = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        return tokens
 
     def greedy(self, prompt: str | list[list[int]], max_tokens: int,
                ) -> tuple[list[int], list[float]]:
@@ -110,7 +111,7 @@ class Reference:
         single tokens, so only the same schedule gives the same numbers.
         """
         llm = self.llm
-        llm.reset()  # type: ignore[no-untyped-call]
+        llm.reset()  # type: ignore[no-untyped-call, unused-ignore]  # (untyped when installed)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
         for chunk in [self.tokenize(prompt)] if isinstance(prompt, str) else prompt:
             llm.eval(chunk)

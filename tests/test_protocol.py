@@ -7,12 +7,9 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
-from nudging_core.templates import Message, TemplateError, normalize_messages
-from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
-from server.errors import (
+from nudging_core.errors import (
     APIError,
     error_body,
-    install_error_handlers,
     invalid_request,
     model_not_found,
     unauthorized,
@@ -20,7 +17,7 @@ from server.errors import (
     upstream_failure,
     upstream_unavailable,
 )
-from server.protocol import (
+from nudging_core.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -41,6 +38,9 @@ from server.protocol import (
     parse_request,
     unsupported_fields,
 )
+from nudging_core.templates import Message, TemplateError, normalize_messages
+from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
+from server.errors import install_error_handlers
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once upon a time"}

@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from nudging_core.upstream import UpstreamClient
 from nudging_core.upstream.dialects.openai import OpenAICompletions
 from server.app import create_app
-from server.config import parse_config
 
 from .real_vllm import GEMMA, SKIP_ENV, SMOL, TIMINGS, VllmPair, start_pair
 from .servers import running

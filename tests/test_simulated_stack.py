@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import free_port, running

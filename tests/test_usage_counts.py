@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 
 from .corpus_prompts import CORPUS

@@ -35,7 +35,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from server.errors import invalid_request, validation_error
+from nudging_core.errors import invalid_request, validation_error
 
 _LONG_MIN: Final = -(2**63)
 _LONG_MAX: Final = 2**63 - 1
@@ -126,6 +126,14 @@ class _SamplingRequest(OpenAIRequestModel):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def requested_max_tokens(self) -> int | None:
+        """The budget the client asked for; None: the model's configured default."""
+        return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        """The field that gave `requested_max_tokens`, for an error naming it."""
+        return "max_tokens"
 
 
 class CompletionRequest(_SamplingRequest):
@@ -223,6 +231,9 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     def message_dicts(self) -> list[dict[str, Any]]:
         """Copies of the messages as plain dicts."""
