@@ -9,20 +9,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nudging_core.methods import METHODS, Method
 from nudging_core.templates import AUTO_TEMPLATE, BUILTIN_TEMPLATES, JINJA_SUFFIXES
 from nudging_core.upstream import DIALECT_NAMES, Timeouts
-
-Method = Literal["nudging", "base_only", "nudging_only", "proxy_tuning", "ensemble"]
-ROLES_NEEDED: dict[str, tuple[str, ...]] = {
-    "nudging": ("base", "nudging"),
-    "base_only": ("base",),
-    "nudging_only": ("nudging",),
-    # The baselines compare token strings: their upstreams must share one tokenizer.
-    "proxy_tuning": ("base", "nudging", "nudging_base"),
-    "ensemble": ("base", "nudging"),
-}
-# Methods that write with both models and so render the nudger's chat prompt themselves.
-COMBINED_METHODS = frozenset({"nudging", "proxy_tuning", "ensemble"})
 
 
 def _check_http_url(url: str) -> None:
@@ -159,11 +148,12 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _roles_present(self) -> ModelConfig:
-        for role in ROLES_NEEDED[self.method]:
+        method = METHODS[self.method]
+        for role in method.roles:
             if getattr(self, role) is None:
                 raise ValueError(f"method {self.method!r} needs the {role!r} upstream")
         nudger = self.nudging
-        if self.method in COMBINED_METHODS and nudger is not None and nudger.chat_template is None:
+        if method.combined and nudger is not None and nudger.chat_template is None:
             raise ValueError("the nudging upstream needs a chat_template")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens exceeds max_tokens_limit")

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from nudging_core.baselines import TOP_K
 from nudging_core.config import Config, ConfigError, UpstreamConfig
+from nudging_core.methods import MAX_TOP_K
 from upstreams.exits import describe_exit
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
@@ -80,7 +80,7 @@ def simulator_launcher(time_scale: float) -> Launcher:
             )
         # Proxy tuning asks for the paper's top-100 logprobs, beyond vLLM's default of 20.
         return [*CLI, "simulate", "--host", "127.0.0.1", "--port", str(port), "--profile", upstream.model,
-                "--time-scale", str(time_scale), "--max-logprobs", str(max(TOP_K.values()))]
+                "--time-scale", str(time_scale), "--max-logprobs", str(MAX_TOP_K)]
 
     return launch
 

@@ -22,7 +22,6 @@ import yaml
 from openai import OpenAI
 
 from nudging_core.baselines import (
-    ROLES,
     BaselineMethod,
     Chosen,
     ensemble_choice,
@@ -32,6 +31,7 @@ from nudging_core.baselines import (
 )
 from nudging_core.config import ConfigError, load_config, parse_config
 from nudging_core.generation import Generation, GenerationRequest
+from nudging_core.methods import METHODS
 from nudging_core.nudging import NudgingParams
 from nudging_core.types import Completion, GenerationStats, Role, Token
 from nudging_core.upstream import UpstreamClient
@@ -421,7 +421,7 @@ async def our_baseline(
 ) -> tuple[str, GenerationStats]:
     clients: dict[Role, UpstreamClient] = {
         role: UpstreamClient(upstreams.urls[role], upstreams.models[role], role=role)
-        for role in ROLES[method]
+        for role in METHODS[method].roles
     }
     request = GenerationRequest(
         method=method, max_tokens=max_tokens, base_prompt=base_prompt, nudging_prompt=chat_prompt,

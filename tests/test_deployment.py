@@ -27,8 +27,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import all_versions
 
-from nudging_core.baselines import TOP_K
 from nudging_core.config import Config, UpstreamConfig, load_config, parse_config
+from nudging_core.methods import MAX_TOP_K
 from server.app import create_app
 from server.cli import build_parser
 
@@ -172,7 +172,7 @@ def test_vllm_services_are_pinned_and_started_for_nudging(compose: Compose) -> N
         assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", service["image"]), name
         command = service["command"]
         # The baselines ask for their top-k logprobs (proxy tuning: the paper's top 100).
-        assert int(_option(command, "--max-logprobs") or 0) >= max(TOP_K.values()), name
+        assert int(_option(command, "--max-logprobs") or 0) >= MAX_TOP_K, name
         assert "--enable-prefix-caching" in command and "--max-model-len" in command, name
         assert "hf-cache:/root/.cache/huggingface" in service["volumes"], name
         [device] = service["deploy"]["resources"]["reservations"]["devices"]

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nudging_core.config import COMBINED_METHODS, LimitsConfig
+from nudging_core.config import LimitsConfig
 from nudging_core.errors import invalid_request
 from nudging_core.generation import GenerationRequest
+from nudging_core.methods import METHODS
 from nudging_core.nudging import NudgingParams
 from nudging_core.protocol import ChatCompletionRequest, CompletionRequest, unsupported_fields
 from nudging_core.registry import ServedModel
@@ -92,7 +93,7 @@ def check(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> tup
     """Every 400 `request` deserves, raised without I/O; else its prompt plan and budget."""
     check_limits(request, limits)
     method = served.config.method
-    if method in COMBINED_METHODS:
+    if METHODS[method].combined:
         unsupported = unsupported_fields(request)
         if unsupported:
             raise invalid_request(
@@ -109,7 +110,7 @@ async def plan(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -
     prompt_plan, max_tokens = check(request, served, limits)
     prompts = await render(served, prompt_plan)
     config = served.config
-    combined = config.method in COMBINED_METHODS
+    combined = METHODS[config.method].combined
     sampling = SamplingParams(
         temperature=request.temperature if request.temperature is not None else config.temperature,
         top_p=request.top_p if request.top_p is not None else config.top_p,
