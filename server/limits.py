@@ -4,6 +4,7 @@ a 413 before anything parses it. The limits on a parsed request's fields are the
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nudging_core.errors import APIError
@@ -20,13 +21,11 @@ def body_too_large(max_bytes: int) -> APIError:
 
 
 def _declared_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    value = Headers(scope=scope).get("content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 class BodySizeLimit:

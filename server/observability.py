@@ -10,6 +10,7 @@ from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nudging_core.provenance import tokens_by_source
@@ -102,8 +103,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
-        request_id = request_id_from(None if header is None else header.decode("latin-1"))
+        request_id = request_id_from(Headers(scope=scope).get(REQUEST_ID_HEADER))
         path = scope["path"]
         observation = Observation(request_id, path if path in KNOWN_ENDPOINTS else "other")
         status = 500  # if the app fails before answering, the server answers 500
@@ -112,7 +112,7 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
                 message = {**message, "headers": headers}
             await send(message)
 
