@@ -14,7 +14,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_REQUIREMENT = $(shell $(PYTHON) -c "import tomllib; print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['demo'] if r.startswith('llama-cpp-python')))")
 
 # Where the code lives, for the linters.
-SOURCES = nudging_core nudging_eval server upstreams tests benchmarks scripts
+SOURCES = cli nudging_core nudging_eval server upstreams tests benchmarks scripts
 # The suites that need llama.cpp and its models, or two real vLLM servers (pytest markers).
 SLOW_SUITES = real_model or vllm
 

@@ -160,7 +160,7 @@ def main() -> None:
                         help="requests in flight at once (the simulators share decode steps like vLLM)")
     parser.add_argument("--time-scale", type=float, default=1.0)
     args = parser.parse_args()
-    cli = [sys.executable, "-m", "server.cli"]
+    cli = [sys.executable, "-m", "cli"]
     print(f"{args.requests} chat requests, max_tokens {args.max_tokens}, concurrency {args.concurrency}, "
           f"time scale {args.time_scale}")
     started = time.monotonic()

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
+from cli.stack import local_upstreams
 from nudging_core.baselines import (
     BaselineMethod,
     Chosen,
@@ -36,7 +37,6 @@ from nudging_core.nudging import NudgingParams
 from nudging_core.types import Completion, GenerationStats, Role, Token
 from nudging_core.upstream import UpstreamClient
 from server.app import create_app as create_proxy
-from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 
 from .scripted import ScriptedUpstream
@@ -372,7 +372,7 @@ def test_sim_stack_serves_the_baselines_on_three_simulator_processes(tmp_path: P
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "cli",
             "sim-stack",
             "--config",
             str(config),

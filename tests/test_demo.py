@@ -1,6 +1,6 @@
 """`nudging-proxy demo` on the real bundled models, through the official `openai` SDK.
 
-The module starts the real command (``python -m server.cli demo``) on free ports with one
+The module starts the real command (``python -m cli demo``) on free ports with one
 llama.cpp thread per model: Gemma 3 270M base nudged by SmolLM2-135M-Instruct. It checks
 nudged, base-only and nudger-only answers with the sync and async SDK, streaming and not;
 compares the `fast` and `paper` strategies on ten prompts, finding the cause of every
@@ -195,7 +195,7 @@ def _start_demo(directory: Path) -> Demo:
     log = directory / "demo.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "demo", "--config", str(path),
+            [sys.executable, "-m", "cli", "demo", "--config", str(path),
              "--port", str(proxy_port), "--threads", "1"],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
         )

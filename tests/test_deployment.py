@@ -27,10 +27,10 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import all_versions
 
+from cli import build_parser
 from nudging_core.config import Config, UpstreamConfig, load_config, parse_config
 from nudging_core.methods import MAX_TOP_K
 from server.app import create_app
-from server.cli import build_parser
 
 from .servers import free_port, running
 

@@ -369,7 +369,7 @@ def test_the_cli_subcommand_on_hub_rows_with_a_judge(stack: Stack, tmp_path: Pat
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "cli",
                 "eval",
                 "--dataset",
                 "justeval_safe",

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from cli.stack import local_upstreams
 from nudging_core.config import ConfigError, parse_config
 from nudging_core.upstream import ReplicaHealth, ReplicaSet, UpstreamClient
 from server.app import create_app
-from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import free_port, running

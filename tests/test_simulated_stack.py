@@ -150,7 +150,7 @@ def test_sim_stack_command_serves_and_stops_its_upstreams(tmp_path: Path, signum
         {"name": "nudged", "base": {"url": f"http://127.0.0.1:{ports['base']}/v1", "model": "base"},
          "nudging": {"url": f"http://127.0.0.1:{ports['aligned']}/v1", "model": "aligned",
                      "chat_template": "chatml"}}]}))
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+    process = subprocess.Popen([sys.executable, "-m", "cli", "sim-stack", "--config", str(config),
                                 "--host", "127.0.0.1", "--port", str(ports["proxy"]), "--time-scale", "0"])
     proxy = f"http://127.0.0.1:{ports['proxy']}"
     try:
@@ -188,7 +188,7 @@ def test_sim_stack_refuses_a_port_already_in_use(tmp_path: Path) -> None:
                 }
             )
         )
-        done = subprocess.run([sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+        done = subprocess.run([sys.executable, "-m", "cli", "sim-stack", "--config", str(config),
                                "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"port {port} already in use" in done.stderr

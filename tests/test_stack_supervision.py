@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from server.stack import MAX_RESTARTS
+from cli.stack import MAX_RESTARTS
 
 from .servers import free_port
 
@@ -77,7 +77,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     log = tmp_path / "stack.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+            [sys.executable, "-m", "cli", "sim-stack", "--config", str(config),
              "--host", "127.0.0.1", "--port", str(proxy), "--time-scale", "0"],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     running = Stack(process, f"http://127.0.0.1:{proxy}", aligned, log)

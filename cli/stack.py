@@ -32,7 +32,7 @@ from upstreams.exits import describe_exit
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 SIMULATOR_PROFILES = frozenset({"base", "aligned", "aligned-base"})
-CLI = [sys.executable, "-m", "server.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 MAX_RESTARTS = 3  # per upstream, while the proxy serves
 LOG_TAIL_LINES = 20  # of an upstream's output, shown when it exits
