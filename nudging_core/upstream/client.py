@@ -269,6 +269,41 @@ class UpstreamClient:
         """A streamed completion; `slot_taken` is set once it holds one of the in-flight slots."""
         return CompletionStream(self, call, slot_taken)
 
+    async def open_stream(
+        self, call: CompletionCall, slot_taken: asyncio.Event | None = None
+    ) -> tuple[httpx.Response, Parser]:
+        """Send a streamed completion and return once its headers arrived, with the parser of
+        its events. It holds one in-flight slot until `close_stream`; an error status raises
+        (and gives the slot back)."""
+        dialect = await self.dialect()
+        parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=True)
+        wire = dialect.completion(call, self.model, stream=True)
+        await self._slots.acquire()
+        if slot_taken is not None:
+            slot_taken.set()
+        try:
+            response = await self._send(wire)
+        except BaseException:
+            self._slots.release()
+            raise
+        if response.status_code >= 400:
+            try:
+                body = (await asyncio.shield(self._in_background(self._read(response)))).decode(
+                    "utf-8", "replace")
+            except UpstreamError:
+                body = ""  # the status says enough
+            finally:
+                await self.close_stream(response)  # also when cancelled: the slot and the connection go back
+            _raise_for_status(self.role, response.status_code, body)
+        return response, parse
+
+    async def close_stream(self, response: httpx.Response) -> None:
+        """Close a stream `open_stream` opened and give its slot back."""
+        try:
+            await self._close_response(response)
+        finally:
+            self._slots.release()
+
     async def count_tokens(self, prompt: str) -> int | None:
         """Prompt size by the upstream's own tokenizer, if it offers one."""
         try:
@@ -308,53 +343,21 @@ class CompletionStream:
         self._slot_taken = slot_taken
         self._response: httpx.Response | None = None
         self._parse: Parser | None = None
-        self._slot_held = False
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.completed = False
 
     async def __aenter__(self) -> CompletionStream:
-        client = self._client
-        dialect = await client.dialect()
-        self._parse = dialect.parser(client.role, need_logprobs=self._call.logprobs is not None, stream=True)
-        wire = dialect.completion(self._call, client.model, stream=True)
-        await client._slots.acquire()
-        self._slot_held = True
-        if self._slot_taken is not None:
-            self._slot_taken.set()
-        try:
-            self._response = await client._send(wire)
-        except BaseException:
-            self._release()
-            raise
-        if self._response.status_code >= 400:
-            try:
-                body = (await asyncio.shield(client._in_background(client._read(self._response)))).decode(
-                    "utf-8", "replace")
-            except UpstreamError:
-                body = ""  # the status says enough
-            finally:
-                await self._close()  # also when cancelled: the slot and the connection go back
-            _raise_for_status(client.role, self._response.status_code, body)
+        self._response, self._parse = await self._client.open_stream(self._call, self._slot_taken)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._close()
-
-    def _release(self) -> None:
-        if self._slot_held:
-            self._slot_held = False
-            self._client._slots.release()
-
-    async def _close(self) -> None:
-        try:
-            if self._response is not None:
-                await self._client._close_response(self._response)
-        finally:
-            self._release()
+        response, self._response = self._response, None
+        if response is not None:
+            await self._client.close_stream(response)
 
     def __aiter__(self) -> AsyncGenerator[Token, None]:
         return self._tokens()
