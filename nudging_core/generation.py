@@ -7,7 +7,7 @@ pass the stop strings and become the pieces the client may see.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +17,7 @@ from nudging_core.methods import METHODS, Method, MethodInput
 from nudging_core.nudging import NudgingParams
 from nudging_core.stopping import Budget, StopFilter
 from nudging_core.types import FinishReason, GenerationStats, Piece, Role, SamplingParams, StopReason
-from nudging_core.upstream import ContextFull, ContextOverflow, UpstreamClient
+from nudging_core.upstream import ContextFull, ContextOverflow, Upstream
 
 LENGTH_REASONS: frozenset[StopReason] = frozenset({"length", "context_length"})
 
@@ -41,7 +41,7 @@ class GenerationRequest:
 class Generation:
     """Runs one generation; after `pieces()` ends, `finish_reason` and `stats` are final."""
 
-    def __init__(self, request: GenerationRequest, clients: dict[Role, UpstreamClient]) -> None:
+    def __init__(self, request: GenerationRequest, clients: Mapping[Role, Upstream]) -> None:
         self.request = request
         self.stats = GenerationStats()
         for role in clients:

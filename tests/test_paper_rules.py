@@ -1,41 +1,37 @@
 """Strategy `paper`, rule by rule (DESIGN 3.1), plus the budget and stop strings (DESIGN 5).
 
-Every test scripts the two upstreams, runs one generation over real HTTP and asserts the
-exact text and the exact upstream requests, in order, that prove the rule: `pair.calls()`
-lists them as ("n" | "b", prompt after P_n | P_b, max_tokens).
+Every test scripts the two upstreams, runs one generation and asserts the exact text and
+the exact upstream requests, in order, that prove the rule: `pair.calls()` lists them as
+("n" | "b", prompt after P_n | P_b, max_tokens).
 
-The scripted upstreams of a module share one uvicorn server (each test mounts fresh
-`ScriptedUpstream`s under its own path), which keeps the module fast enough to run under
-mutation testing.
+The scripted upstreams answer in this process (`nudging_core.upstream.MemoryUpstream`, the
+vLLM dialect's JSON parsed as a server's would be): no sockets, no uvicorn, which keeps the
+module fast enough to run under mutation testing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx._transports.default as httpx_transports
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nudging_core.calls import derive_seed
-from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
 from nudging_core.nudging.rules import Lookahead, clean_repetitions, repeated_suffix_length
-from nudging_core.types import SamplingParams
-from nudging_core.upstream import UpstreamClient
+from nudging_core.types import Role, SamplingParams
+from nudging_core.upstream import MemoryUpstream, Upstream
 from tests.harness import BASE_PROMPT as PB
 from tests.harness import NUDGING_PROMPT as PN
-from tests.harness import Outcome, Pair
+from tests.harness import Outcome, run_nudging
 from tests.scripted import ScriptedUpstream
-from tests.servers import running
 
 # --- infrastructure ------------------------------------------------------------------------------
 
@@ -60,96 +56,78 @@ def b(suffix: str, max_tokens: int = 16) -> tuple[str, str, int]:
 
 
 class Mount:
-    """One scripted upstream behind the shared server: records every completions request on
-    arrival (in the pair's shared log), and can hold chosen prompts back for a while; a held
-    request whose client disconnects is abandoned and never reaches the upstream. With
-    `event_delay`, each event of a streamed reply is sent that many seconds after the previous."""
+    """One scripted upstream in this process: records every completions request on arrival
+    (in the pair's shared log), and can hold chosen prompts back for a while; a held request
+    whose client leaves is abandoned and never reaches the upstream. The answer is written at
+    once, whether or not the client reads it (as a server writes into its socket); with
+    `event_delay`, each event of a streamed reply comes that many seconds after the previous."""
 
     def __init__(self, upstream: ScriptedUpstream, role: str, log: list[dict[str, Any]]) -> None:
         self.upstream = upstream
         self.role = role
-        self.app = upstream.app()
         self.log = log
         self.delays: dict[tuple[str, bool], float] = {}
         self.event_delay = 0.0
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["path"] != "/v1/completions":
-            await self.app(scope, receive, send)
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        request = json.loads(body)
+    async def handle(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         entry = {"role": self.role, "body": request, "arrived": time.monotonic(),
                  "answered": None, "abandoned": False}
         self.log.append(entry)
         delay = self.delays.get((request["prompt"], bool(request.get("stream"))), 0.0)
         if delay:
-            sleeper = asyncio.ensure_future(asyncio.sleep(delay))
-            disconnect = asyncio.ensure_future(receive())
-            done, pending = await asyncio.wait({sleeper, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            if disconnect in done:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
                 entry["abandoned"] = True
-                return
-        replayed = False
+                raise
+        payloads = self.upstream.answer(request, ROLES[self.role])
+        written: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def write() -> None:
+            paced = bool(self.event_delay and request.get("stream"))
+            for payload in payloads:
+                if paced:
+                    await asyncio.sleep(self.event_delay)
+                written.put_nowait(payload)
+            if paced:
+                await asyncio.sleep(self.event_delay)  # a server's closing `[DONE]` event
+            entry["answered"] = time.monotonic()
+            written.put_nowait(None)
 
-        async def paced_send(message: Any) -> None:
-            if self.event_delay and request.get("stream") and message.get("body"):
-                await asyncio.sleep(self.event_delay)
-            await send(message)
+        writer = asyncio.ensure_future(write())
+        try:
+            while (payload := await written.get()) is not None:
+                yield payload
+        finally:
+            writer.cancel()
 
-        await self.app(scope, replay, paced_send)
-        entry["answered"] = time.monotonic()
+    def upstream_for(self) -> MemoryUpstream:
+        return MemoryUpstream(self.handle, role=ROLES[self.role], model="scripted")
+
+
+ROLES: dict[str, Role] = {"b": "base", "n": "nudging"}
 
 
 class Hub:
-    """ASGI app routing /<key>/<role>/... to the mounts of one test."""
-
-    def __init__(self) -> None:
-        self.mounts: dict[tuple[str, str], Mount] = {}
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        _, key, role, rest = scope["path"].split("/", 3)
-        path = "/" + rest
-        await self.mounts[(key, role)](dict(scope, path=path, raw_path=path.encode()), receive, send)
+    """What a module's pairs share (nothing, since the upstreams live in memory; kept so the
+    modules that import it keep their fixtures)."""
 
 
 class Scripted:
-    """A scripted base/nudger pair (like `tests.harness.scripted_pair()`) on the shared server."""
+    """A scripted base/nudger pair, in this process."""
 
     def __init__(self, hub: Hub, url: str, key: str) -> None:
         self.base = ScriptedUpstream("base")
         self.nudger = ScriptedUpstream("nudger")
         self.log: list[dict[str, Any]] = []
         self.mounts = {"b": Mount(self.base, "b", self.log), "n": Mount(self.nudger, "n", self.log)}
-        hub.mounts[(key, "base")] = self.mounts["b"]
-        hub.mounts[(key, "nudger")] = self.mounts["n"]
-        self._pair = Pair(self.base, self.nudger, f"{url}/{key}/base", f"{url}/{key}/nudger")
+
+    def upstreams(self) -> dict[Role, Upstream]:
+        return {"base": self.mounts["b"].upstream_for(), "nudging": self.mounts["n"].upstream_for()}
 
     async def run(self, max_tokens: int = 200, stop: tuple[str, ...] = (), **params: Any) -> Outcome:
         self.log.clear()
-        out = await self._pair.run(max_tokens=max_tokens, stop=stop, **params)
+        out = await run_nudging(self.upstreams(), max_tokens=max_tokens, stop=stop, **params)
         received = {"base": sum(e["role"] == "b" for e in self.log),
                     "nudging": sum(e["role"] == "n" for e in self.log)}
         if params.get("strategy") == "paper":
@@ -163,15 +141,8 @@ class Scripted:
     async def run_seeded(self, seed: int, **params: Any) -> str:
         """A generation with `seed` (the harness has no sampling parameters); returns its text."""
         self.log.clear()
-        clients = {"base": UpstreamClient(self._pair.base_url + "/v1", "scripted", role="base"),
-                   "nudging": UpstreamClient(self._pair.nudger_url + "/v1", "scripted", role="nudging")}
-        request = GenerationRequest(method="nudging", max_tokens=200, base_prompt=PB, nudging_prompt=PN,
-                                    params=NudgingParams(**params), sampling=SamplingParams(seed=seed))
-        try:
-            return "".join([piece.text async for piece in Generation(request, clients).pieces()])  # type: ignore[arg-type]
-        finally:
-            for client in clients.values():
-                await client.aclose()
+        out = await run_nudging(self.upstreams(), sampling=SamplingParams(seed=seed), **params)
+        return out.text
 
     def delay(self, role: str, suffix: str, seconds: float, *, stream: bool = False) -> None:
         """Hold back the requests (streamed or not) for prompt P_b/P_n + suffix."""
@@ -191,16 +162,9 @@ class Scripted:
         return result
 
 
-_cached_ssl_context = httpx_transports.create_ssl_context()  # type: ignore[attr-defined]
-
-
 @pytest.fixture(scope="module")
 def hub() -> Iterator[tuple[Hub, str, Iterator[int]]]:
-    app = Hub()
-    # Each run builds two httpx clients; building their SSL context is most of a run's time.
-    with pytest.MonkeyPatch.context() as patch, running(app) as url:
-        patch.setattr(httpx_transports, "create_ssl_context", lambda *a, **k: _cached_ssl_context)
-        yield app, url, itertools.count()
+    yield Hub(), "memory://", itertools.count()
 
 
 @pytest.fixture

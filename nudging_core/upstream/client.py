@@ -32,6 +32,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .health import ReplicaHealth
+from .protocol import StreamProgress
 
 T = TypeVar("T")
 
@@ -332,7 +333,7 @@ class UpstreamClient:
         return response.status_code == 200
 
 
-class CompletionStream:
+class CompletionStream(StreamProgress):
     """A streamed completion: iterate tokens; leaving the `async with` closes the request."""
 
     def __init__(
@@ -341,12 +342,9 @@ class CompletionStream:
         self._client = client
         self._call = call
         self._slot_taken = slot_taken
+        super().__init__()
         self._response: httpx.Response | None = None
         self._parse: Parser | None = None
-        self.finish_reason: str | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.completed = False
 
     async def __aenter__(self) -> CompletionStream:
         self._response, self._parse = await self._client.open_stream(self._call, self._slot_taken)
@@ -386,15 +384,11 @@ class CompletionStream:
                     _raise_stream_error(role, data, payload)
                 reply = self._parse(payload)
                 yield reply
-                self.finish_reason = reply.finish_reason or self.finish_reason
-                self.prompt_tokens = reply.prompt_tokens or self.prompt_tokens
-                self.completion_tokens = reply.completion_tokens or self.completion_tokens
+                self.note(reply)
                 if reply.last:
                     break
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(role, "timed out mid-stream") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnreachable(role, f"stream interrupted ({type(exc).__name__})") from exc
-        if self.finish_reason is None:
-            raise UpstreamError(role, "stream ended without a finish reason")
-        self.completed = True
+        self.end(role)
