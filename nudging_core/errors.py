@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, overload
+from typing import Any, Final
 
 from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
 
@@ -48,26 +48,9 @@ def _type_for_status(status_code: int) -> str:
     return INVALID_REQUEST
 
 
-@overload
-def error_body(error: APIError, /) -> dict[str, dict[str, Any]]: ...
-
-
-@overload
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, dict[str, Any]]: ...
-
-
-def error_body(
-    message: str | APIError, type: str | None = None, param: str | None = None, code: str | None = None
-) -> dict[str, dict[str, Any]]:
-    """The JSON body of an error response (also the payload of an SSE error event), from an
-    `APIError` or from its fields."""
-    if isinstance(message, APIError):
-        return message.to_dict()
-    if type is None:
-        raise TypeError("error_body() needs the error type")
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def error_body(error: APIError) -> dict[str, dict[str, Any]]:
+    """The JSON body of an error response (also the payload of an SSE error event)."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 class APIError(Exception):
@@ -94,7 +77,7 @@ class APIError(Exception):
         self.code = code
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return error_body(self.message, self.type, self.param, self.code)
+        return error_body(self)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -35,7 +35,9 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from nudging_core.config import LookaheadTokens, Threshold
 from nudging_core.errors import invalid_request, validation_error
+from nudging_core.nudging import Strategy
 
 _LONG_MIN: Final = -(2**63)
 _LONG_MAX: Final = 2**63 - 1
@@ -77,9 +79,9 @@ class NudgingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    threshold: float | None = Field(default=None, gt=0, le=1)
-    lookahead_tokens: int | None = Field(default=None, ge=1, le=256)
-    strategy: Literal["paper", "fast"] | None = None
+    threshold: Threshold | None = None
+    lookahead_tokens: LookaheadTokens | None = None
+    strategy: Strategy | None = None
     nudging_prompt: str | None = None
     cleanup: bool | None = None
     return_provenance: bool | None = None

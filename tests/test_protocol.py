@@ -333,7 +333,7 @@ def test_model_list() -> None:
 
 
 def test_error_helpers() -> None:
-    assert error_body("m", "invalid_request_error") == {
+    assert error_body(APIError(400, "m")) == {
         "error": {"message": "m", "type": "invalid_request_error", "param": None, "code": None}
     }
     assert invalid_request("bad", "n").to_dict()["error"]["param"] == "n"
