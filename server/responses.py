@@ -119,7 +119,12 @@ class Shape(ABC):
     ) -> dict[str, Any]: ...
 
     @abstractmethod
-    def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]: ...
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+        """A stream chunk with `choices` (and `usage` only when given: the key is left out
+        of the other chunks)."""
+
+    def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
+        return self._stream_body([], usage=usage_info(usage))
 
     def text_chunk(self, index: int, piece: Piece) -> dict[str, Any]:
         """The chunk of one piece of text (with its upstream logprobs, if returned)."""
@@ -177,13 +182,11 @@ class ChatShape(Shape):
         choice = ChatCompletionStreamChoice(
             index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
-        return ChatCompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=[choice]
-        ).model_dump()
+        return self._stream_body([choice])
 
-    def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
         return ChatCompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=usage_info(usage)
+            id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()
 
 
@@ -216,11 +219,9 @@ class TextShape(Shape):
         choice = CompletionStreamChoice(
             index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
-        return CompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=[choice]
-        ).model_dump()
+        return self._stream_body([choice])
 
-    def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
         return CompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=usage_info(usage)
+            id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from nudging_core.types import Completion, Token
+from nudging_core.types import Completion
 
 from .call import CompletionCall
 from .dialects import DIALECTS, Dialect, Parser, Reply, Request, detect
@@ -356,14 +356,6 @@ class CompletionStream(StreamProgress):
         response, self._response = self._response, None
         if response is not None:
             await self._client.close_stream(response)
-
-    def __aiter__(self) -> AsyncGenerator[Token, None]:
-        return self._tokens()
-
-    async def _tokens(self) -> AsyncGenerator[Token, None]:
-        async for reply in self.replies():
-            for token in reply.tokens:
-                yield token
 
     async def replies(self) -> AsyncGenerator[Reply, None]:
         """The stream's events, parsed (iterating the stream itself gives their tokens)."""

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
-from nudging_core.types import Completion, Token
+from nudging_core.types import Completion
 
 from .call import CompletionCall
 from .dialects import Dialect, Parser, Reply
@@ -108,14 +108,6 @@ class MemoryStream(StreamProgress):
                 await _close(events)
             finally:
                 self._upstream.slots.release()
-
-    def __aiter__(self) -> AsyncIterator[Token]:
-        return self._tokens()
-
-    async def _tokens(self) -> AsyncIterator[Token]:
-        async for reply in self.replies():
-            for token in reply.tokens:
-                yield token
 
     async def replies(self) -> AsyncIterator[Reply]:
         assert self._events is not None and self._parse is not None, "use `async with` first"

@@ -5,6 +5,7 @@ streamed completion shares."""
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -16,8 +17,9 @@ from .dialects import Reply
 from .errors import UpstreamError
 
 
-class StreamProgress:
-    """What a stream's events said so far: its finish reason and usage, and whether it ended."""
+class StreamProgress(ABC):
+    """What a stream's events said so far: its finish reason and usage, and whether it ended.
+    Iterating the stream gives its events' tokens."""
 
     def __init__(self) -> None:
         self.finish_reason: str | None = None
@@ -29,6 +31,18 @@ class StreamProgress:
         self.finish_reason = reply.finish_reason or self.finish_reason
         self.prompt_tokens = reply.prompt_tokens or self.prompt_tokens
         self.completion_tokens = reply.completion_tokens or self.completion_tokens
+
+    @abstractmethod
+    def replies(self) -> AsyncIterator[Reply]:
+        """The stream's events, parsed."""
+
+    def __aiter__(self) -> AsyncIterator[Token]:
+        return self._tokens()
+
+    async def _tokens(self) -> AsyncIterator[Token]:
+        async for reply in self.replies():
+            for token in reply.tokens:
+                yield token
 
     def end(self, role: str) -> None:
         if self.finish_reason is None:
