@@ -237,16 +237,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_tokens_param(self) -> str:
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
-    def message_dicts(self) -> list[dict[str, Any]]:
-        """Copies of the messages as plain dicts."""
-        return [dict(m) for m in self.messages]
-
-
-UNSUPPORTED_FOR_NUDGING: Final[Mapping[str, tuple[str, ...]]] = {
-    "completions": CompletionRequest.UNSUPPORTED_FOR_NUDGING,
-    "chat.completions": ChatCompletionRequest.UNSUPPORTED_FOR_NUDGING,
-}
-
 
 def _generic_noop(value: Any) -> bool:
     # Default/empty values ask for nothing: `echo: false`, `tools: []`, penalties of 0.
@@ -461,7 +451,6 @@ __all__ = [
     "NudgingReport",
     "Span",
     "StreamOptions",
-    "UNSUPPORTED_FOR_NUDGING",
     "UsageInfo",
     "new_chat_completion_id",
     "new_completion_id",

@@ -93,8 +93,8 @@ def test_chat_full_body() -> None:
     assert request.stop_list() == ["\n\n"] and request.include_usage()
     assert request.nudging is not None and request.nudging.strategy == "paper"
     assert request.nudging.return_provenance is None
-    assert request.message_dicts()[1] == {"role": "user", "content": [{"type": "text", "text": "hi"}]}
-    assert request.message_dicts()[2] == {"role": "assistant", "content": None, "tool_calls": []}
+    assert dict(request.messages[1]) == {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    assert dict(request.messages[2]) == {"role": "assistant", "content": None, "tool_calls": []}
     assert unsupported_fields(request) == []
     # Validated messages are plain dicts, ready for the template code.
     assert normalize_messages(request.messages) == [
