@@ -1,5 +1,7 @@
 # Two commands do all the set-up: `make run` (the proxy on the bundled CPU models) and
-# `make test`. `make sim` runs the proxy on the simulated pair (no model weights).
+# `make test` (the unit and HTTP tests; no llama.cpp build). `make sim` runs the proxy on the
+# simulated pair (no model weights); `make check` lints and type-checks; `make test-all` runs
+# every test, the real-model (llama.cpp) and real-vLLM suites too, as CI does.
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
@@ -11,6 +13,11 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # The demo extra's llama-cpp-python requirement, as pyproject.toml states it.
 LLAMA_REQUIREMENT = $(shell $(PYTHON) -c "import tomllib; print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['demo'] if r.startswith('llama-cpp-python')))")
 
+# Where the code lives, for the linters.
+SOURCES = cli nudging_core nudging_eval server upstreams tests benchmarks scripts
+# The suites that need llama.cpp and its models, or two real vLLM servers (pytest markers).
+SLOW_SUITES = real_model or vllm or browser
+
 $(BIN)/nudging-proxy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -18,15 +25,30 @@ $(BIN)/nudging-proxy: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,demo,eval]'
 	touch $@
 
-.PHONY: run sim test bench vllm-cpu vllm-cpu-stop
+# The tests and checks without the demo extra (no llama.cpp to build).
+$(VENV)/.dev: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,eval]'
+	touch $@
+
+.PHONY: run sim test test-all check bench vllm-cpu vllm-cpu-stop
 run: $(BIN)/nudging-proxy
 	$(BIN)/nudging-proxy demo --config configs/demo.yaml
 
 sim: $(BIN)/nudging-proxy
 	$(BIN)/nudging-proxy sim-stack --config configs/sim.yaml
 
-test: $(BIN)/nudging-proxy
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m 'not ($(SLOW_SUITES))'
+
+test-all: $(BIN)/nudging-proxy
 	$(BIN)/python -m pytest -q
+
+check: $(VENV)/.dev
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/mypy
+	$(BIN)/mypy benchmarks scripts
 
 bench: $(BIN)/nudging-proxy
 	$(BIN)/python benchmarks/strategies.py

@@ -76,7 +76,8 @@ async def _answer(client: httpx.AsyncClient, model: str, question: str, max_toke
     return Answer(tokens, first_text)
 
 
-async def _run(url: str, model: str, answers: int, concurrency: int, max_tokens: int) -> tuple[list[Answer], float]:
+async def _run(url: str, model: str, answers: int, concurrency: int,
+               max_tokens: int) -> tuple[list[Answer], float]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         queue = [QUESTIONS[i % len(QUESTIONS)] for i in range(answers)]
@@ -130,8 +131,9 @@ def main() -> None:
                     tokens = sum(answer.tokens for answer in done)
                     firsts = [a.first_text for a in done if a.first_text is not None]
                     uncached = stats["prompt_tokens_total"] - stats["prompt_tokens_cached"]
-                    print(f"{method:9} {concurrency:7} {cpu / tokens * 1e6:12.0f} {cpu / len(done) * 1e3:13.1f} "
-                          f"{stats['requests_total'] / len(done):15.1f} {stats['tokens_generated'] / tokens:14.2f} "
+                    print(f"{method:9} {concurrency:7} {cpu / tokens * 1e6:12.0f} "
+                          f"{cpu / len(done) * 1e3:13.1f} {stats['requests_total'] / len(done):15.1f} "
+                          f"{stats['tokens_generated'] / tokens:14.2f} "
                           f"{uncached / len(done):22.0f} {len(done) / wall:9.2f} "
                           f"{statistics.median(firsts) if firsts else float('nan'):10.2f}")
 

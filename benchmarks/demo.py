@@ -202,7 +202,7 @@ def main() -> None:
     started = time.monotonic()
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "demo", "--config", str(config),
+            [sys.executable, "-m", "cli", "demo", "--config", str(config),
              "--port", str(proxy_port), "--threads", "1"],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     try:

@@ -16,7 +16,7 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "server.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 def free_port() -> int:

@@ -119,7 +119,11 @@ async def _looping(proxy: str) -> None:
             started = time.perf_counter()
             body: dict[str, Any] = {"model": model, "prompt": base_prompt, "max_tokens": LOOPING_BUDGET}
             if model != "base_only":
-                body["nudging"] = {"threshold": 0.3, "nudging_prompt": nudging_prompt, "return_provenance": True}
+                body["nudging"] = {
+                    "threshold": 0.3,
+                    "nudging_prompt": nudging_prompt,
+                    "return_provenance": True,
+                }
             response = await client.post("/v1/completions", json=body)
             response.raise_for_status()
             answer = response.json()
@@ -147,14 +151,16 @@ async def _measure(proxy: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10,
                         help="requests in flight at once (the simulators share decode steps like vLLM)")
     parser.add_argument("--time-scale", type=float, default=1.0)
     args = parser.parse_args()
-    cli = [sys.executable, "-m", "server.cli"]
+    cli = [sys.executable, "-m", "cli"]
     print(f"{args.requests} chat requests, max_tokens {args.max_tokens}, concurrency {args.concurrency}, "
           f"time scale {args.time_scale}")
     started = time.monotonic()
@@ -163,9 +169,22 @@ def main() -> None:
         processes = []
         try:
             for profile in ("base", "aligned"):
-                processes.append(_start([*cli, "simulate", "--port", str(ports[profile]), "--profile", profile,
-                                         "--time-scale", str(args.time_scale),
-                                         "--latency", f"request_ms={overhead}"]))
+                processes.append(
+                    _start(
+                        [
+                            *cli,
+                            "simulate",
+                            "--port",
+                            str(ports[profile]),
+                            "--profile",
+                            profile,
+                            "--time-scale",
+                            str(args.time_scale),
+                            "--latency",
+                            f"request_ms={overhead}",
+                        ]
+                    )
+                )
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config_file:
                 yaml.safe_dump(_config(ports["base"], ports["aligned"]), config_file)
             processes.append(_start([*cli, "serve", "--config", config_file.name, "--host", "127.0.0.1",

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from nudging_core.types import Completion, GenerationStats, Role, SamplingParams, Token
-from nudging_core.upstream import CompletionCall, CompletionStream, UpstreamClient
+from nudging_core.upstream import CompletionCall, Upstream, UpstreamStream
 from nudging_core.upstream.dialects import Reply
 
 
@@ -24,7 +24,7 @@ class RoleCaller:
 
     def __init__(
         self,
-        client: UpstreamClient,
+        client: Upstream,
         role: Role,
         stats: GenerationStats,
         sampling: SamplingParams,
@@ -109,7 +109,7 @@ class CountedStream:
     def __init__(self, stats: GenerationStats, role: Role) -> None:
         self._stats = stats
         self._role: Role = role
-        self.stream: CompletionStream | None = None
+        self.stream: UpstreamStream | None = None
 
     @property
     def finish_reason(self) -> str | None:

@@ -288,7 +288,7 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _jinja_environment() -> ImmutableSandboxedEnvironment:
+def hf_jinja_environment() -> ImmutableSandboxedEnvironment:
     # Same environment as HF tokenizers' apply_chat_template, so templates copied from a
     # model's tokenizer_config.json render identically; the sandbox keeps a template file
     # from reaching Python internals.
@@ -313,7 +313,7 @@ class JinjaChatTemplate:
         self._bos_token = bos_token
         self._eos_token = eos_token
         try:
-            self._template = _jinja_environment().from_string(source)
+            self._template = hf_jinja_environment().from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(
                 f"chat template {name!r} has a syntax error at line {exc.lineno}: {exc.message}"

@@ -1,5 +1,6 @@
-"""Where answers come from: the configured upstreams in this process, through the same core
-and request handling the server uses, or any OpenAI-compatible endpoint over HTTP.
+"""Where answers come from: the configured upstreams in this process, through the service the
+server uses (`nudging_core.service`: its checks, limits, retries and fallback), or any
+OpenAI-compatible endpoint over HTTP.
 
 Answers are asked for without the proxy's clean-up: the runner cleans them itself, so the
 text before clean-up (where the paper counts its nudging words) is known either way.
@@ -13,17 +14,14 @@ from typing import Any, Protocol
 
 import httpx
 
-from nudging_core.generation import Generation
+from nudging_core.config import Config
 from nudging_core.nudging import Strategy
+from nudging_core.protocol import ChatCompletionRequest, parse_request
 from nudging_core.provenance import merge_spans
-from server.config import Config
-from server.prompts import chat_prompts
-from server.protocol import ChatCompletionRequest, parse_request
-from server.registry import ModelRegistry
-from server.runs import generation_requests
+from nudging_core.registry import ModelRegistry
+from nudging_core.service import ChoiceFinished, ChoiceRun, ErrorEvent, plan, run
 
 from .datasets import Sample
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,22 +76,32 @@ def chat_body(model: str, sample: Sample, options: AnswerOptions) -> dict[str, A
 
 
 class InProcessBackend:
-    """A configured model name, run here: request model -> prompts -> Generation."""
+    """A configured model name, run here: request model -> the service's plan -> its run."""
 
     def __init__(self, config: Config, model: str) -> None:
         self._registry = ModelRegistry(config)
+        self._limits = config.server.limits
         served = self._registry.get(model)
         if served is None:
             raise ValueError(f"model {model!r} is not in the config")
         self._served = served
         self.model = model
 
+    async def _answer(self, request: ChatCompletionRequest) -> ChoiceRun:
+        plans = await plan(request, self._served, self._limits)
+        answer: ChoiceRun | None = None
+        async for event in run(plans, streaming=False):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, ChoiceFinished):
+                answer = event.choice
+        assert answer is not None, "a run without errors finishes its choice"
+        return answer
+
     async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
         request = parse_request(ChatCompletionRequest, chat_body(self.model, sample, options))
-        prompts = await chat_prompts(self._served, request)
-        [generation_request] = generation_requests(self._served, request, prompts)
-        generation = Generation(generation_request, self._served.pick_clients())
-        pieces = [piece async for piece in generation.pieces()]
+        answer = await self._answer(request)
+        generation, pieces = answer.generation, answer.pieces
         stats = generation.stats
         return Outcome(
             output="".join(piece.text for piece in pieces),

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
+from nudging_core.config import Config, ConfigError, load_config
 from nudging_core.nudging import Strategy
-from server.config import Config, ConfigError, load_config
 
 from .backends import Backend, EndpointBackend, InProcessBackend
 from .datasets import DATASETS, Sample, load_samples

@@ -230,7 +230,7 @@ def load_rows(
     """The dataset's rows: from a local JSONL file in the hub's schema, else from the hub."""
     if data_file is not None:
         return read_jsonl(data_file)
-    import datasets  # type: ignore[import-untyped]  # heavy: only when the hub is asked
+    import datasets  # heavy: only when the hub is asked
 
     try:
         rows: Sequence[Row] = datasets.load_dataset(spec.hub_id, spec.config, split=split or spec.split)

@@ -93,7 +93,9 @@ def cleaned(outcome: Outcome) -> Outcome:
 def _our_ratio(spans: list[dict[str, str]] | None) -> float | None:
     if spans is None:
         return None
-    return nudging_word_ratio(Span(s["text"], "nudging" if s["source"] == "nudging" else "base") for s in spans)
+    return nudging_word_ratio(
+        Span(s["text"], "nudging" if s["source"] == "nudging" else "base") for s in spans
+    )
 
 
 def _paper_ratio(settings: RunSettings, raw: Outcome) -> float | None:

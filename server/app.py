@@ -10,14 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from nudging_core.config import Config
+from nudging_core.registry import ModelRegistry
+
 from . import playground
 from .auth import APIKeyMiddleware, open_paths
-from .config import Config
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, metrics_endpoint
 from .observability import ObservabilityMiddleware
-from .registry import ModelRegistry
 from .routes import router
 from .shutdown import EndRequestsOnShutdown
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .config import ServerConfig
-from .errors import unauthorized
+from nudging_core.config import ServerConfig
+from nudging_core.errors import unauthorized
+
+from .errors import error_response
 
 HEALTH_PATHS = frozenset({"/health", "/ready"})
 METRICS_PATHS = frozenset({"/metrics"})
@@ -43,8 +46,7 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if _authorized(headers.get("authorization"), self.keys):
+        if _authorized(Headers(scope=scope).get("authorization"), self.keys):
             await self.app(scope, receive, send)
             return
-        await unauthorized().to_response()(scope, receive, send)
+        await error_response(unauthorized())(scope, receive, send)

@@ -1,246 +1,29 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
-
-Every failure a client can see goes through here, so two rules live in one place: invalid
-input is a 400 (never a 500), and server-side messages never carry upstream addresses.
-"""
+"""The HTTP side of errors: an `APIError` (nudging_core/errors.py) as a JSON response, and the
+app's handlers for what FastAPI and Starlette raise."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any, Final, cast, overload
+from typing import Final, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nudging_core.errors import SERVER_ERROR, APIError, invalid_request, validation_error
 from nudging_core.templates import TemplateError
-from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
-
-INVALID_REQUEST: Final = "invalid_request_error"
-AUTHENTICATION: Final = "authentication_error"
-PERMISSION: Final = "permission_error"
-RATE_LIMIT: Final = "rate_limit_error"
-SERVER_ERROR: Final = "server_error"
-UPSTREAM_ERROR: Final = "upstream_error"
-
-_UPSTREAM_CODES: Final[Mapping[int, str]] = {
-    502: "upstream_error",
-    503: "upstream_unavailable",
-    504: "upstream_timeout",
-}
-
-# Anything that looks like a URL; upstream errors (httpx messages, say) often quote one.
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 
 _GENERIC_500: Final = "The server had an error while processing your request."
 
 
-def scrub_urls(text: str) -> str:
-    return _URL.sub("<upstream>", text)
-
-
-def _type_for_status(status_code: int) -> str:
-    if status_code == 401:
-        return AUTHENTICATION
-    if status_code == 403:
-        return PERMISSION
-    if status_code == 429:
-        return RATE_LIMIT
-    if status_code >= 500:
-        return SERVER_ERROR
-    return INVALID_REQUEST
-
-
-@overload
-def error_body(error: APIError, /) -> dict[str, dict[str, Any]]: ...
-
-
-@overload
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, dict[str, Any]]: ...
-
-
-def error_body(
-    message: str | APIError, type: str | None = None, param: str | None = None, code: str | None = None
-) -> dict[str, dict[str, Any]]:
-    """The JSON body of an error response (also the payload of an SSE error event), from an
-    `APIError` or from its fields."""
-    if isinstance(message, APIError):
-        return message.to_dict()
-    if type is None:
-        raise TypeError("error_body() needs the error type")
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class APIError(Exception):
-    """An error to return to the client as is. `type` defaults from the status code."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        type: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        # Server-side messages may quote an upstream's error text; strip addresses here so
-        # no caller can forget to.
-        if status_code >= 500:
-            message = scrub_urls(message)
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type or _type_for_status(status_code)
-        self.param = param
-        self.code = code
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-    def to_response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.to_dict(), status_code=self.status_code, headers=headers)
-
-
-def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, type=INVALID_REQUEST, param=param, code=code)
-
-
-def model_not_found(model: str) -> APIError:
-    shown = model if len(model) <= 200 else model[:200] + "..."
-    return APIError(
-        404,
-        f"The model '{shown}' does not exist.",
-        type=INVALID_REQUEST,
-        param="model",
-        code="model_not_found",
-    )
-
-
-def unauthorized(message: str = "Invalid or missing API key.") -> APIError:
-    return APIError(401, message, type=AUTHENTICATION, code="invalid_api_key")
-
-
-def upstream_unavailable(role: str, message: str, *, status_code: int = 502) -> APIError:
-    """An upstream model server failed (502), is unavailable (503) or timed out (504)."""
-    if status_code not in _UPSTREAM_CODES:
-        raise ValueError(f"upstream errors are 502, 503 or 504, not {status_code}")
-    return APIError(
-        status_code,
-        f"The {role} model's server failed: {message}",
-        type=UPSTREAM_ERROR,
-        code=_UPSTREAM_CODES[status_code],
-    )
-
-
-def no_chat_template(model: str, error: UpstreamError) -> APIError:
-    """`chat_template: auto` on an upstream whose model has none: the proxy's configuration
-    is at fault, so a server-side error that says what to change."""
-    return APIError(
-        500,
-        f"Model {model!r} is configured with chat_template: auto, but the {error.role} model's server "
-        f"has no chat template to render ({scrub_urls(error.message)}). Set the model's "
-        f"{error.role}.chat_template in the proxy's configuration to a built-in template or a jinja file.",
-        type=SERVER_ERROR,
-        param=None,
-        code="chat_template_unavailable",
-    )
-
-
-def upstream_failure(error: UpstreamError) -> APIError:
-    """An upstream's failure as the client sees it.
-
-    A prompt too long for the model, or a request the upstream rejects as invalid (400/422:
-    for passthrough models that is the client's own field), is a 400. Otherwise it is the
-    proxy's problem: 504 on a timeout, 503 when the upstream is overloaded, else 502.
-    """
-    message = scrub_urls(error.message)
-    if isinstance(error, ContextOverflow):
-        return invalid_request(
-            f"The prompt is too long for the {error.role} model: {message}",
-            code="context_length_exceeded",
-        )
-    if isinstance(error, UpstreamTimeout):
-        return upstream_unavailable(error.role, message, status_code=504)
-    if error.status_code in (400, 422):
-        return invalid_request(f"The {error.role} model's server rejected the request: {message}")
-    if error.status_code in (429, 503):
-        return upstream_unavailable(error.role, message, status_code=503)
-    return upstream_unavailable(error.role, message, status_code=502)
-
-
-def upstream_error_body(error: UpstreamError) -> dict[str, dict[str, Any]]:
-    """The SSE error event for an upstream failure after a stream has started."""
-    return upstream_failure(error).to_dict()
-
-
-# --- Validation errors -------------------------------------------------------------------
-
-_LOCATIONS: Final = frozenset({"body", "query", "path", "header", "cookie"})
-_TYPE_TAGS: Final = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "none"})
-
-
-def _is_type_tag(segment: str) -> bool:
-    # pydantic puts the union member that failed into `loc` ("str", "list[str]",
-    # "function-after[...]", "ContentPart"); OpenAI field names are lower snake_case.
-    return not segment.isidentifier() or segment in _TYPE_TAGS or segment[:1].isupper()
-
-
-def _param_path(loc: Sequence[int | str]) -> str | None:
-    parts: list[str] = []
-    for i, segment in enumerate(loc):
-        if i == 0 and segment in _LOCATIONS:
-            continue
-        if isinstance(segment, str) and _is_type_tag(segment):
-            continue
-        parts.append(str(segment))
-    return ".".join(parts) or None
-
-
-def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
-    """pydantic/FastAPI validation errors -> one 400, naming the most specific field.
-
-    A union field reports one error per member it tried; the errors are grouped by field, and
-    the deepest field wins (a bad content part says `messages.0.content.0.type`, not "content
-    should be a string"). The input value is never echoed.
-    """
-    if not errors:
-        return invalid_request("Invalid request body.")
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return invalid_request("Could not parse the request body as JSON.")
-    grouped: dict[str | None, list[Mapping[str, Any]]] = {}
-    for error in errors:
-        grouped.setdefault(_param_path(error.get("loc", ())), []).append(error)
-    param = max(grouped, key=lambda p: 0 if p is None else p.count(".") + 1)
-    group = grouped[param]
-    kinds = {e.get("type") for e in group}
-    if param is None:
-        if "missing" in kinds:
-            return invalid_request("The request body is missing.")
-        if kinds & {"model_attributes_type", "dict_type", "model_type"}:
-            return invalid_request("The request body must be a JSON object.")
-    elif "missing" in kinds:
-        return invalid_request(f"Missing required parameter: '{param}'.", param)
-    elif "extra_forbidden" in kinds:
-        return invalid_request(f"Unrecognized request argument supplied: '{param}'.", param)
-    messages: list[str] = []
-    for error in group:
-        text = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        if text not in messages:
-            messages.append(text)
-    detail = "; ".join(messages)
-    return invalid_request(detail if param is None else f"Invalid value for '{param}': {detail}", param)
-
-
-# --- FastAPI handlers --------------------------------------------------------------------
+def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
-    return cast(APIError, exc).to_response()
+    return error_response(cast(APIError, exc))
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -255,12 +38,12 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
         error = invalid_request(
             "The request body must be JSON, sent with 'Content-Type: application/json'."
         )
-    return error.to_response()
+    return error_response(error)
 
 
 async def _on_template_error(request: Request, exc: Exception) -> JSONResponse:
     # Raised while rendering the client's messages (bad parts, roles, turn order).
-    return invalid_request(str(exc), "messages").to_response()
+    return error_response(invalid_request(str(exc), "messages"))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -276,13 +59,13 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"{verb} ({request.method} {request.url.path})"
     else:
         message = str(http_exc.detail)
-    return APIError(status, message).to_response(headers=http_exc.headers)
+    return error_response(APIError(status, message), headers=http_exc.headers)
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Internals (exception text, upstream URLs) stay out of the response; Starlette re-raises
     # the exception after this handler so the server logs it with its traceback.
-    return APIError(500, _GENERIC_500, type=SERVER_ERROR).to_response()
+    return error_response(APIError(500, _GENERIC_500, type=SERVER_ERROR))
 
 
 def install_error_handlers(app: FastAPI) -> None:

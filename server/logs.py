@@ -17,14 +17,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from nudging_core.config import Config
 from nudging_core.upstream.client import request_scope
-
-from .config import Config
 
 access_log = logging.getLogger("nudging_proxy.access")
 upstream_log = logging.getLogger("nudging_proxy.upstream")
 
-REQUEST_ID_HEADER: Final = b"x-request-id"
+REQUEST_ID_HEADER: Final = "x-request-id"
 # Ids clients may choose: short, printable, safe to log and to forward in a header.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/+=-]{1,128}")
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field

@@ -10,15 +10,16 @@ from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nudging_core.provenance import tokens_by_source
+from nudging_core.service import ChoiceFinished, ErrorEvent, Event, PieceEvent
 from nudging_core.types import Piece
 from nudging_core.upstream.client import RequestScope, request_scope
 
 from .logs import REQUEST_ID_HEADER, access_log, request_id_from, upstream_log
 from .metrics import Metrics
-from .runs import PieceEvent
 
 # Metric label for any other path, so random URLs cannot grow the label set.
 KNOWN_ENDPOINTS = frozenset(
@@ -55,26 +56,32 @@ def note_stream_error() -> None:
 
 
 async def observed(
-    events: AsyncGenerator[PieceEvent, None], *, nudged: bool, stream: bool
-) -> AsyncGenerator[PieceEvent, None]:
+    events: AsyncGenerator[Event, None], *, nudged: bool, stream: bool
+) -> AsyncGenerator[Event, None]:
     """`events` unchanged, noting what the request's metrics and log line need."""
     observation = _observation.get() or Observation(request_id="", endpoint="")
     yielded = False
     try:
         async with aclosing(events):
             async for event in events:
-                piece = event.piece
-                if piece is None:
-                    _note_choice(observation, event.run.pieces, nudged=nudged)
-                elif piece.text and observation.first_text_at is None:
-                    observation.first_text_at = time.perf_counter()
+                if isinstance(event, ChoiceFinished):
+                    _note_choice(observation, event.choice.pieces, nudged=nudged)
+                elif isinstance(event, PieceEvent):
+                    if event.piece.text and observation.first_text_at is None:
+                        observation.first_text_at = time.perf_counter()
+                elif isinstance(event, ErrorEvent):
+                    _note_failure(observation, stream=stream, started=yielded)
                 yielded = True
                 yield event
     except Exception:
-        # A failure once a stream has started reaches the client as an error event; before
-        # that, or without streaming, as an HTTP status the middleware counts.
-        observation.stream_error = stream and yielded
+        _note_failure(observation, stream=stream, started=yielded)
         raise
+
+
+def _note_failure(observation: Observation, *, stream: bool, started: bool) -> None:
+    # A failure once a stream has started reaches the client as an error event; before that,
+    # or without streaming, as an HTTP status the middleware counts.
+    observation.stream_error = stream and started
 
 
 def _note_choice(observation: Observation, pieces: list[Piece], *, nudged: bool) -> None:
@@ -96,8 +103,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
-        request_id = request_id_from(None if header is None else header.decode("latin-1"))
+        request_id = request_id_from(Headers(scope=scope).get(REQUEST_ID_HEADER))
         path = scope["path"]
         observation = Observation(request_id, path if path in KNOWN_ENDPOINTS else "other")
         status = 500  # if the app fails before answering, the server answers 500
@@ -106,7 +112,7 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
                 message = {**message, "headers": headers}
             await send(message)
 

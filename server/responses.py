@@ -1,14 +1,14 @@
-"""Response bodies and stream chunks in the OpenAI shapes, plus the `nudging` extension."""
+"""Response bodies and stream chunks in the OpenAI shapes, plus the `nudging` extension: a
+`ChatShape` for /v1/chat/completions, a `TextShape` for /v1/completions."""
 
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from nudging_core.provenance import merge_spans, nudging_word_ratio, tokens_by_source
-
-from .protocol import (
+from nudging_core.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
     ChatCompletionResponse,
@@ -25,7 +25,9 @@ from .protocol import (
     new_chat_completion_id,
     new_completion_id,
 )
-from .runs import ChoiceRun
+from nudging_core.provenance import merge_spans, nudging_word_ratio, tokens_by_source
+from nudging_core.service import ChoiceRun, UsageEvent
+from nudging_core.types import Piece
 
 COMPLETION_LOGPROB_KEYS = ("text_offset", "token_logprobs", "tokens", "top_logprobs")
 
@@ -79,105 +81,147 @@ def provenance_report(run: ChoiceRun) -> NudgingReport:
     )
 
 
-def usage(runs: list[ChoiceRun]) -> UsageInfo:
-    # Choices share one prompt; the first choice measured it.
-    prompt_tokens = runs[0].generation.prompt_tokens if runs else 0
-    completion_tokens = sum(run.generation.completion_tokens for run in runs)
+def usage_info(usage: UsageEvent) -> UsageInfo:
     return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
     )
 
 
 @dataclass(slots=True)
-class Shape:
-    """The wire shape of one endpoint's answers: chat.completion or text_completion."""
+class Shape(ABC):
+    """The wire shape of one endpoint's answers."""
 
-    chat: bool
     model: str
     with_provenance: bool
-    # Chat's `top_logprobs` when passthrough logprobs are returned (completions: unused).
-    top_logprobs: int = 0
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def __post_init__(self) -> None:
-        self.id = new_chat_completion_id() if self.chat else new_completion_id()
-
-    def _report(self, run: ChoiceRun) -> NudgingReport | None:
+    def report(self, run: ChoiceRun) -> NudgingReport | None:
         # A fallback is reported unasked: clients must be able to tell the answer is not nudged.
         return provenance_report(run) if self.with_provenance or run.fallback_reason is not None else None
 
-    def logprobs(self, pieces: list[Any]) -> dict[str, Any] | None:
-        parts = [piece.logprobs for piece in pieces if piece.logprobs is not None]
-        return chat_logprobs(parts, self.top_logprobs) if self.chat else completion_logprobs(parts)
+    @abstractmethod
+    def logprobs(self, pieces: list[Piece]) -> dict[str, Any] | None: ...
 
-    def body(self, runs: list[ChoiceRun]) -> dict[str, Any]:
-        total = usage(runs)
-        if self.chat:
-            chat_choices = [
-                ChatCompletionChoice(
-                    index=run.index,
-                    message=ChatCompletionMessage(content=run.text),
-                    logprobs=self.logprobs(run.pieces),
-                    finish_reason=run.generation.finish_reason,
-                    nudging=self._report(run),
-                )
-                for run in runs
-            ]
-            return ChatCompletionResponse(
-                id=self.id, created=self.created, model=self.model, choices=chat_choices, usage=total
-            ).model_dump()
+    @abstractmethod
+    def body(self, runs: list[ChoiceRun], usage: UsageEvent) -> dict[str, Any]: ...
+
+    def opening_chunks(self, indexes: list[int]) -> list[dict[str, Any]]:
+        """The chunks a stream starts with, before any text."""
+        return []
+
+    @abstractmethod
+    def chunk(
+        self, index: int, text: str | None, *, finish_reason: str | None = None,
+        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+        """A stream chunk with `choices` (and `usage` only when given: the key is left out
+        of the other chunks)."""
+
+    def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
+        return self._stream_body([], usage=usage_info(usage))
+
+    def text_chunk(self, index: int, piece: Piece) -> dict[str, Any]:
+        """The chunk of one piece of text (with its upstream logprobs, if returned)."""
+        return self.chunk(index, piece.text, logprobs=self.logprobs([piece]))
+
+    def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
+        finish_reason = run.generation.finish_reason
+        return self.chunk(run.index, None, finish_reason=finish_reason, report=self.report(run))
+
+
+@dataclass(slots=True)
+class ChatShape(Shape):
+    """chat.completion and chat.completion.chunk."""
+
+    # `top_logprobs` when passthrough logprobs are returned.
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = new_chat_completion_id()
+
+    def logprobs(self, pieces: list[Piece]) -> dict[str, Any] | None:
+        return chat_logprobs([piece.logprobs for piece in pieces if piece.logprobs is not None],
+                             self.top_logprobs)
+
+    def body(self, runs: list[ChoiceRun], usage: UsageEvent) -> dict[str, Any]:
         choices = [
-            CompletionChoice(
-                index=run.index, text=run.text, finish_reason=run.generation.finish_reason,
+            ChatCompletionChoice(
+                index=run.index,
+                message=ChatCompletionMessage(content=run.text),
                 logprobs=self.logprobs(run.pieces),
-                nudging=self._report(run),
+                finish_reason=run.generation.finish_reason,
+                nudging=self.report(run),
             )
             for run in runs
         ]
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=total
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_info(usage)
         ).model_dump()
+
+    def opening_chunks(self, indexes: list[int]) -> list[dict[str, Any]]:
+        # Each choice's first chunk carries the role.
+        return [self._chunk(index, "", role=True) for index in indexes]
+
+    def chunk(
+        self, index: int, text: str | None, *, finish_reason: str | None = None,
+        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return self._chunk(index, text, finish_reason=finish_reason, report=report, logprobs=logprobs)
 
     def _chunk(
         self, index: int, text: str | None, *, role: bool = False, finish_reason: str | None = None,
         report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        if self.chat:
-            delta = DeltaMessage(role="assistant" if role else None, content=text)
-            choice = ChatCompletionStreamChoice(
-                index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs
-            )
-            return ChatCompletionStreamResponse(
-                id=self.id, created=self.created, model=self.model, choices=[choice]
-            ).model_dump()
-        stream_choice = CompletionStreamChoice(
-            index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs
+        delta = DeltaMessage(role="assistant" if role else None, content=text)
+        choice = ChatCompletionStreamChoice(
+            index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
-        return CompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=[stream_choice]
+        return self._stream_body([choice])
+
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+        return ChatCompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()
 
-    def role_chunk(self, index: int) -> dict[str, Any]:
-        return self._chunk(index, "", role=True)
 
-    def text_chunk(self, index: int, piece: Any) -> dict[str, Any]:
-        """The chunk of one piece of text (with its upstream logprobs, if returned)."""
-        return self._chunk(index, piece.text, logprobs=self.logprobs([piece]))
+@dataclass(slots=True)
+class TextShape(Shape):
+    """text_completion, whole and streamed."""
 
-    def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
-        return self._chunk(
-            run.index, None, finish_reason=run.generation.finish_reason, report=self._report(run)
+    def __post_init__(self) -> None:
+        self.id = new_completion_id()
+
+    def logprobs(self, pieces: list[Piece]) -> dict[str, Any] | None:
+        return completion_logprobs([piece.logprobs for piece in pieces if piece.logprobs is not None])
+
+    def body(self, runs: list[ChoiceRun], usage: UsageEvent) -> dict[str, Any]:
+        choices = [
+            CompletionChoice(
+                index=run.index, text=run.text, finish_reason=run.generation.finish_reason,
+                logprobs=self.logprobs(run.pieces), nudging=self.report(run),
+            )
+            for run in runs
+        ]
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_info(usage)
+        ).model_dump()
+
+    def chunk(
+        self, index: int, text: str | None, *, finish_reason: str | None = None,
+        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice = CompletionStreamChoice(
+            index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
+        return self._stream_body([choice])
 
-    def usage_chunk(self, runs: list[ChoiceRun]) -> dict[str, Any]:
-        total = usage(runs)
-        if self.chat:
-            return ChatCompletionStreamResponse(
-                id=self.id, created=self.created, model=self.model, choices=[], usage=total
-            ).model_dump()
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
         return CompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=[], usage=total
+            id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from nudging_core.upstream import UpstreamError
+from nudging_core.errors import model_not_found
+from nudging_core.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from nudging_core.registry import ModelRegistry, ServedModel
+from nudging_core.service import AnyRequest, ChoiceFinished, ChoiceRun, ErrorEvent, UsageEvent, plan, run
 
-from .errors import model_not_found, upstream_failure
-from .limits import check_limits
 from .observability import note_model, observed
-from .prompts import Prompts, chat_prompts, completion_prompts
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from .registry import ModelRegistry, ServedModel
-from .responses import Shape
-from .runs import AnyRequest, RecoveryPolicy, generation_requests, make_runs, run_choices
+from .responses import ChatShape, Shape, TextShape
 from .streaming import stream_response
 
 router = APIRouter()
@@ -31,8 +28,7 @@ def _registry(request: Request) -> ModelRegistry:
 
 
 def _served(request: Request, body: AnyRequest) -> ServedModel:
-    """The model a request within the input limits names."""
-    check_limits(body, request.app.state.limits)
+    """The model a request names."""
     served = _registry(request).get(body.model)
     if served is None:
         raise model_not_found(body.model)
@@ -65,41 +61,43 @@ async def _unless_client_leaves(request: Request, answer: Coroutine[Any, Any, Re
     return answering.result()
 
 
-async def _respond(
-    served: ServedModel, body: AnyRequest, make_prompts: Callable[[], Awaitable[Prompts]], *, chat: bool
-) -> Response:
-    prompts = await make_prompts()
-    requests = generation_requests(served, body, prompts)
-    runs = make_runs(served, requests)
-    with_provenance = bool(body.nudging and body.nudging.return_provenance)
-    shape = Shape(chat=chat, model=body.model, with_provenance=with_provenance,
-                  top_logprobs=(getattr(body, "top_logprobs", None) or 0) if chat else 0)
-    policy = RecoveryPolicy(served, streaming=bool(body.stream))
-    events = observed(run_choices(runs, policy), nudged=served.config.method == "nudging", stream=body.stream)
-    try:
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await stream_response(shape, runs, events, include_usage)
-        async with aclosing(events):
-            async for _ in events:
-                pass
-    except UpstreamError as error:
-        raise upstream_failure(error) from None
-    return JSONResponse(shape.body(runs))
+async def _respond(request: Request, served: ServedModel, body: AnyRequest, shape: Shape) -> Response:
+    """The service's answer to `body`, encoded: an SSE stream or one JSON body."""
+    plans = await plan(body, served, request.app.state.limits)
+    events = observed(run(plans, streaming=body.stream), nudged=served.config.method == "nudging",
+                      stream=body.stream)
+    if body.stream:
+        return await stream_response(shape, [p.index for p in plans], events, body.include_usage())
+    finished: list[ChoiceRun] = []
+    usage = UsageEvent(0, 0)
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, ChoiceFinished):
+                finished.append(event.choice)
+            elif isinstance(event, UsageEvent):
+                usage = event
+    return JSONResponse(shape.body(sorted(finished, key=lambda choice: choice.index), usage))
+
+
+def _with_provenance(body: AnyRequest) -> bool:
+    return bool(body.nudging and body.nudging.return_provenance)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     served = _served(request, body)
-    answer = _respond(served, body, lambda: completion_prompts(served, body), chat=False)
-    return await _unless_client_leaves(request, answer)
+    shape = TextShape(model=body.model, with_provenance=_with_provenance(body))
+    return await _unless_client_leaves(request, _respond(request, served, body, shape))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     served = _served(request, body)
-    answer = _respond(served, body, lambda: chat_prompts(served, body), chat=True)
-    return await _unless_client_leaves(request, answer)
+    shape = ChatShape(model=body.model, with_provenance=_with_provenance(body),
+                      top_logprobs=body.top_logprobs or 0)
+    return await _unless_client_leaves(request, _respond(request, served, body, shape))
 
 
 @router.get("/v1/models")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import SERVER_ERROR, APIError
+from nudging_core.errors import SERVER_ERROR, APIError
+
+from .errors import error_response
 from .observability import note_stream_error
 
 
@@ -41,8 +44,8 @@ class EndRequestsOnShutdown:
             nonlocal started, finished, event_stream
             if message["type"] == "http.response.start":
                 started = True
-                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-                event_stream = content_type.startswith(b"text/event-stream")
+                content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
+                event_stream = content_type.startswith("text/event-stream")
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = True
             await send(message)
@@ -59,4 +62,4 @@ class EndRequestsOnShutdown:
                 await send({"type": "http.response.body", "body": _final_events(), "more_body": False})
                 note_stream_error()
             else:
-                await shutting_down().to_response()(scope, receive, send)
+                await error_response(shutting_down())(scope, receive, send)

@@ -13,11 +13,9 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 
-from nudging_core.upstream import UpstreamError
+from nudging_core.service import ChoiceFinished, ErrorEvent, Event, PieceEvent, UsageEvent
 
-from .errors import upstream_error_body
 from .responses import Shape
-from .runs import ChoiceRun, PieceEvent
 
 
 def _data(payload: dict[str, Any] | str) -> dict[str, str]:
@@ -25,39 +23,40 @@ def _data(payload: dict[str, Any] | str) -> dict[str, str]:
 
 
 async def _chunks(
-    shape: Shape, runs: list[ChoiceRun], first: PieceEvent | None, events: AsyncGenerator[PieceEvent, None],
+    shape: Shape, indexes: list[int], first: Event | None, events: AsyncGenerator[Event, None],
     include_usage: bool,
 ) -> AsyncIterator[dict[str, str]]:
     async with aclosing(events):
-        if shape.chat:
-            for run in runs:
-                yield _data(shape.role_chunk(run.index))
-        try:
-            pending = [first] if first is not None else []
-            while True:
-                event = pending.pop() if pending else await anext(events, None)
-                if event is None:
-                    break
-                if event.piece is None:
-                    yield _data(shape.final_chunk(event.run))
-                elif event.piece.text or event.piece.logprobs:
-                    yield _data(shape.text_chunk(event.run.index, event.piece))
-        except UpstreamError as error:
-            yield _data(upstream_error_body(error))
-            yield _data("[DONE]")
-            return
-        if include_usage:
-            yield _data(shape.usage_chunk(runs))
+        for chunk in shape.opening_chunks(indexes):
+            yield _data(chunk)
+        pending = [first] if first is not None else []
+        while True:
+            event = pending.pop() if pending else await anext(events, None)
+            if event is None:
+                break
+            if isinstance(event, ErrorEvent):
+                yield _data(event.error.to_dict())
+                break
+            if isinstance(event, ChoiceFinished):
+                yield _data(shape.final_chunk(event.choice))
+            elif isinstance(event, PieceEvent):
+                if event.piece.text or event.piece.logprobs:
+                    yield _data(shape.text_chunk(event.choice.index, event.piece))
+            elif isinstance(event, UsageEvent) and include_usage:
+                yield _data(shape.usage_chunk(event))
         yield _data("[DONE]")
 
 
 async def stream_response(
-    shape: Shape, runs: list[ChoiceRun], events: AsyncGenerator[PieceEvent, None], include_usage: bool
+    shape: Shape, indexes: list[int], events: AsyncGenerator[Event, None], include_usage: bool
 ) -> EventSourceResponse:
-    """Start the stream once the first event is known; upstream errors before it raise."""
+    """Start the stream once the first event is known; an error before it raises."""
     try:
         first = await anext(events, None)
     except BaseException:
         await events.aclose()
         raise
-    return EventSourceResponse(_chunks(shape, runs, first, events, include_usage), sep="\n", ping=15)
+    if isinstance(first, ErrorEvent):
+        await events.aclose()
+        raise first.error
+    return EventSourceResponse(_chunks(shape, indexes, first, events, include_usage), sep="\n", ping=15)

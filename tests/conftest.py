@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app
-from server.config import parse_config
 
 from .scripted import ScriptedUpstream
 from .servers import running
@@ -20,7 +20,9 @@ NUDGER_PROMPT = f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _script(base: ScriptedUpstream, nudger: ScriptedUpstream) -> None:
-    nudger.add(NUDGER_PROMPT, [("Sure", 0.9), ("!", 0.9), (" The", 0.9), (" sky", 0.9), (" is", 0.9)], eos=False)
+    nudger.add(
+        NUDGER_PROMPT, [("Sure", 0.9), ("!", 0.9), (" The", 0.9), (" sky", 0.9), (" is", 0.9)], eos=False
+    )
     base.add(BASE_PROMPT, [("Hmm", 0.1), (",", 0.9), (" well", 0.9)], eos=True)
     base.add(BASE_PROMPT + "Sure!", [(" Well", 0.2)], eos=False)
     base.add(
@@ -28,7 +30,9 @@ def _script(base: ScriptedUpstream, nudger: ScriptedUpstream) -> None:
         [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (" because", 0.9), (" of", 0.9), (".", 0.3)],
         eos=False,
     )
-    nudger.add(NUDGER_PROMPT + "Sure! The sky is blue because of", [(" light", 0.9), (".", 0.9), (" Bye", 0.9)])
+    nudger.add(
+        NUDGER_PROMPT + "Sure! The sky is blue because of", [(" light", 0.9), (".", 0.9), (" Bye", 0.9)]
+    )
 
 
 @dataclass(frozen=True, slots=True)

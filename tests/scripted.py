@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from nudging_core.upstream import UpstreamError
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,26 @@ class ScriptedUpstream:
             return tokens[:max_tokens], "length"
         return tokens, "stop" if eos else "length"
 
+    def payloads(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The JSON answer to a completions request: one body, or the events of a stream
+        (without `[DONE]`). Raises LookupError for a prompt the script does not continue."""
+        tokens, finish = self.reply(body["prompt"], body.get("max_tokens", 16))
+        if body.get("stream"):
+            return list(_stream_events(self.name, tokens, finish))
+        return [{"id": "cmpl-x", "object": "text_completion", "model": self.name,
+                 "choices": [{"index": 0, "text": "".join(t for t, _ in tokens),
+                              "logprobs": _logprobs(tokens), "finish_reason": finish}],
+                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(tokens),
+                           "total_tokens": len(body["prompt"]) + len(tokens)}}]
+
+    def answer(self, body: dict[str, Any], role: str) -> list[dict[str, Any]]:
+        """The in-memory answer: `payloads`, or the error a client in `role` would raise."""
+        self.requests.append(body)
+        try:
+            return self.payloads(body)
+        except LookupError as error:
+            raise UpstreamError(role, f"HTTP 500: {error}", status_code=500) from None
+
     def app(self) -> FastAPI:
         app = FastAPI()
 
@@ -72,16 +94,12 @@ class ScriptedUpstream:
             self.requests.append(body)
             self.headers.append(dict(request.headers))
             try:
-                tokens, finish = self.reply(body["prompt"], body.get("max_tokens", 16))
+                payloads = self.payloads(body)
             except LookupError as error:
                 return JSONResponse({"error": {"message": str(error)}}, status_code=500)
             if body.get("stream"):
-                return StreamingResponse(_stream(self.name, tokens, finish), media_type="text/event-stream")
-            return {"id": "cmpl-x", "object": "text_completion", "model": self.name,
-                    "choices": [{"index": 0, "text": "".join(t for t, _ in tokens),
-                                 "logprobs": _logprobs(tokens), "finish_reason": finish}],
-                    "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(tokens),
-                              "total_tokens": len(body["prompt"]) + len(tokens)}}
+                return StreamingResponse(_sse(payloads), media_type="text/event-stream")
+            return payloads[0]
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
@@ -93,7 +111,9 @@ class ScriptedUpstream:
             # "token ids", one per character.
             body = await request.json()
             if "messages" in body:
-                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"])
+                text = "".join(
+                    f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in body["messages"]
+                )
                 text += "<|im_start|>assistant\n"
                 return {"tokens": [ord(c) for c in text], "count": len(text), "max_model_len": 4096}
             return {"count": len(body["prompt"]), "max_model_len": 4096}
@@ -119,13 +139,18 @@ def _logprobs(tokens: list[tuple[str, float]]) -> dict[str, Any]:
     }
 
 
-async def _stream(name: str, tokens: list[tuple[str, float]], finish: str) -> AsyncIterator[str]:
+def _stream_events(name: str, tokens: list[tuple[str, float]], finish: str) -> Iterator[dict[str, Any]]:
     for index, token in enumerate(tokens):
         last = index == len(tokens) - 1
         choice = {"index": 0, "text": token[0], "logprobs": _logprobs([token]),
                   "finish_reason": finish if last else None}
-        yield f"data: {json.dumps({'id': 'cmpl-x', 'model': name, 'choices': [choice]})}\n\n"
+        yield {"id": "cmpl-x", "model": name, "choices": [choice]}
     if not tokens:
         choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
-        yield f"data: {json.dumps({'id': 'cmpl-x', 'model': name, 'choices': [choice]})}\n\n"
+        yield {"id": "cmpl-x", "model": name, "choices": [choice]}
+
+
+async def _sse(payloads: list[dict[str, Any]]) -> AsyncIterator[str]:
+    for payload in payloads:
+        yield f"data: {json.dumps(payload)}\n\n"
     yield "data: [DONE]\n\n"

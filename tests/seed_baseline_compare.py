@@ -34,7 +34,8 @@ async def compare(max_tokens: int, limit: int | None) -> None:
                 theirs = await asyncio.to_thread(seed_baseline, seed, upstreams, method, *prompts, max_tokens)
                 differ += not matches_the_seed(ours, stats, theirs)
                 endings[str(stats.stop_reason)] += 1
-            print(f"{method}: {differ}/{len(questions)} answers differ from the seed's; ours ended {dict(endings)}")
+            print(f"{method}: {differ}/{len(questions)} answers differ from the seed's; "
+                  f"ours ended {dict(endings)}")
 
 
 def main() -> None:

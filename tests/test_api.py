@@ -8,11 +8,12 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app
-from server.config import parse_config
 
 from .conftest import BASE_PROMPT, NUDGER_PROMPT, USER
 from .servers import running
+
 
 def chat_body(**extra: Any) -> dict[str, Any]:
     return {"model": "nudged", "messages": [{"role": "user", "content": USER}], **extra}
@@ -33,7 +34,10 @@ def test_chat_completion_shape_and_provenance(proxy: str) -> None:
     body = response.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "Sure! The sky is blue because of light. Bye"}
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Sure! The sky is blue because of light. Bye",
+    }
     assert choice["finish_reason"] == "stop"
     report = choice["nudging"]
     assert [s["source"] for s in report["spans"]] == ["nudging", "base", "nudging"]
@@ -122,19 +126,45 @@ def test_passthrough_forwards_fields_a_combining_model_rejects(proxy: str, combi
     [
         ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"model": "nudged", "messages": "hello"}, 400, "messages"),
-        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400,
-         "max_tokens"),
+        (
+            {"model": "nudged", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
+            400,
+            "max_tokens",
+        ),
         ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
-        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400,
-         "max_tokens"),
-        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-         400, "tools"),
-        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "response_format":
-          {"type": "json_object"}}, 400, "response_format"),
-        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "nudging": {"bogus": 1}}, 400,
-         "nudging.bogus"),
-        ({"model": "nudged", "messages": [{"role": "user", "content": "x"}], "nudging": {"threshold": 2}}, 400,
-         "nudging.threshold"),
+        (
+            {"model": "nudged", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},
+            400,
+            "max_tokens",
+        ),
+        (
+            {
+                "model": "nudged",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function"}],
+            },
+            400,
+            "tools",
+        ),
+        (
+            {
+                "model": "nudged",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "response_format",
+        ),
+        (
+            {"model": "nudged", "messages": [{"role": "user", "content": "x"}], "nudging": {"bogus": 1}},
+            400,
+            "nudging.bogus",
+        ),
+        (
+            {"model": "nudged", "messages": [{"role": "user", "content": "x"}], "nudging": {"threshold": 2}},
+            400,
+            "nudging.threshold",
+        ),
     ],
 )
 def test_bad_requests(proxy: str, body: dict[str, Any], status: int, param: str) -> None:

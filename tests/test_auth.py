@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import ConfigError, parse_config
 from server.app import create_app
-from server.config import ConfigError, parse_config
 
 from .servers import running
 

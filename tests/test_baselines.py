@@ -14,14 +14,15 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import httpx
 import pytest
 import yaml
 from openai import OpenAI
 
+from cli.stack import local_upstreams
 from nudging_core.baselines import (
-    ROLES,
     BaselineMethod,
     Chosen,
     ensemble_choice,
@@ -29,13 +30,13 @@ from nudging_core.baselines import (
     proxy_tuning_choice,
     proxy_tuning_round,
 )
+from nudging_core.config import ConfigError, load_config, parse_config
 from nudging_core.generation import Generation, GenerationRequest
+from nudging_core.methods import METHODS
 from nudging_core.nudging import NudgingParams
 from nudging_core.types import Completion, GenerationStats, Role, Token
 from nudging_core.upstream import UpstreamClient
 from server.app import create_app as create_proxy
-from server.config import ConfigError, load_config, parse_config
-from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 
 from .scripted import ScriptedUpstream
@@ -87,6 +88,13 @@ def test_proxy_tuning_only_considers_tokens_all_three_share() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # One round: agreement, then the combined choice at the first disagreement
+
+
+T = TypeVar("T")
+
+
+def _by_role(base: T, nudging: T, nudging_base: T) -> list[tuple[Role, T]]:
+    return [("base", base), ("nudging", nudging), ("nudging_base", nudging_base)]
 
 
 def completion(tokens: list[tuple[str, dict[str, float]]], finish: str = "length") -> Completion:
@@ -236,7 +244,7 @@ def chat(model: str, **extra: object) -> dict[str, object]:
 
 
 def streamed(response: httpx.Response) -> tuple[str, dict[str, object]]:
-    text, report = "", {}
+    text, report = "", dict[str, object]()
     for line in response.iter_lines():
         if line.startswith("data: ") and line != "data: [DONE]":
             for choice in json.loads(line[6:])["choices"]:
@@ -364,7 +372,7 @@ def test_sim_stack_serves_the_baselines_on_three_simulator_processes(tmp_path: P
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "cli",
             "sim-stack",
             "--config",
             str(config),
@@ -411,14 +419,15 @@ async def our_baseline(
     upstreams: Upstreams, method: BaselineMethod, base_prompt: str, chat_prompt: str, max_tokens: int,
     chunk_tokens: int = 16,
 ) -> tuple[str, GenerationStats]:
-    clients = {
-        role: UpstreamClient(upstreams.urls[role], upstreams.models[role], role=role) for role in ROLES[method]
+    clients: dict[Role, UpstreamClient] = {
+        role: UpstreamClient(upstreams.urls[role], upstreams.models[role], role=role)
+        for role in METHODS[method].roles
     }
     request = GenerationRequest(
         method=method, max_tokens=max_tokens, base_prompt=base_prompt, nudging_prompt=chat_prompt,
         params=NudgingParams(chunk_tokens=chunk_tokens),
     )
-    generation = Generation(request, clients)  # type: ignore[arg-type]
+    generation = Generation(request, clients)
     try:
         text = "".join([piece.text async for piece in generation.pieces()])
     finally:
@@ -466,7 +475,7 @@ def end_token_trio() -> Iterator[Upstreams]:
     with ExitStack() as stack:
         urls: dict[Role, str] = {
             role: stack.enter_context(running(upstream.app())) + "/v1"
-            for role, upstream in (("base", base), ("nudging", chat), ("nudging_base", anti))
+            for role, upstream in _by_role(base, chat, anti)
         }
         yield Upstreams(urls, {"base": "base", "nudging": "chat", "nudging_base": "anti"})
 
@@ -489,8 +498,9 @@ async def test_a_combined_end_token_pick_goes_on_as_the_seed_does(
 def simulator_upstreams() -> Iterator[Upstreams]:
     with ExitStack() as stack:
         urls: dict[Role, str] = {
-            role: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100))) + "/v1"
-            for role, profile in (("base", "base"), ("nudging", "aligned"), ("nudging_base", "aligned-base"))
+            role: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100)))
+            + "/v1"
+            for role, profile in _by_role("base", "aligned", "aligned-base")
         }
         yield Upstreams(urls, {"base": "base", "nudging": "aligned", "nudging_base": "aligned-base"})
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 
 from .servers import free_port, running
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nudging_core.config import ConfigError, load_config, parse_config
 from server.app import create_app
-from server.config import ConfigError, load_config, parse_config
 
 from .servers import running
 
@@ -71,7 +71,9 @@ def test_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         assert wrong.json()["error"]["type"] == "authentication_error"
         assert "gamma" not in wrong.text
         for key in ("alpha", "beta"):
-            assert httpx.get(proxy + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert (
+                httpx.get(proxy + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            )
         assert httpx.get(proxy + "/health").status_code == 200
 
 

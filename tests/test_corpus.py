@@ -24,14 +24,14 @@ from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
 from nudging_core.provenance import merge_spans, nudging_word_ratio
 from nudging_core.templates import Message, base_prompt, get_chat_template
-from nudging_core.types import GenerationStats
+from nudging_core.types import GenerationStats, Rule
 from nudging_core.upstream import UpstreamClient
 from upstreams.simulator.app import create_app
 
 from .corpus_prompts import CORPUS, CorpusPrompt
 from .servers import running
 
-RULES = (
+RULES: tuple[Rule, ...] = (
     "space_prefix", "one_word", "newline_in_word", "empty_word_skipped", "takeover",
     "takeover_after_first_word", "no_takeover", "repeated_nudging_words", "empty_probe",
     "chunk_empty", "chunk_repeats", "chunk_copies_output", "uncertain_token", "base_stop",
@@ -92,7 +92,7 @@ async def _run_all(base_url: str, aligned_url: str) -> dict[tuple[str, str], Run
         batch = jobs[start : start + BATCH]
         runs = await asyncio.gather(
             *(_generate(base_url, aligned_url, prompt, strategy) for prompt, strategy in batch))
-        for (prompt, strategy), run in zip(batch, runs):
+        for (prompt, strategy), run in zip(batch, runs, strict=True):
             results[prompt.name, strategy] = run
     return results
 
@@ -189,8 +189,11 @@ def test_nudging_ratio_is_paper_like(runs: dict[tuple[str, str], Run]) -> None:
 
 def test_fast_writes_what_paper_writes(runs: dict[tuple[str, str], Run]) -> None:
     differing = [p.name for p in CORPUS if runs[p.name, "paper"].text != runs[p.name, "fast"].text]
-    guarded = [p.name for p in CORPUS
-               if any(runs[p.name, "paper"].stats.rules.get(g) for g in ("chunk_repeats", "chunk_copies_output"))]
+    guarded = [
+        p.name
+        for p in CORPUS
+        if any(runs[p.name, "paper"].stats.rules.get(g) for g in ("chunk_repeats", "chunk_copies_output"))
+    ]
     held = [runs[p.name, "fast"].stats for p in CORPUS]
     print(f"\na chunk guard dropped text under paper on {len(guarded)} prompts: {guarded}")
     print(f"fast held {sum(s.held_tokens for s in held)} tokens back over {len(CORPUS)} prompts "

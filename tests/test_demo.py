@@ -1,6 +1,6 @@
 """`nudging-proxy demo` on the real bundled models, through the official `openai` SDK.
 
-The module starts the real command (``python -m server.cli demo``) on free ports with one
+The module starts the real command (``python -m cli demo``) on free ports with one
 llama.cpp thread per model: Gemma 3 270M base nudged by SmolLM2-135M-Instruct. It checks
 nudged, base-only and nudger-only answers with the sync and async SDK, streaming and not;
 compares the `fast` and `paper` strategies on ten prompts, finding the cause of every
@@ -56,7 +56,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
 from nudging_core.templates import Message, base_prompt
-from nudging_core.types import GenerationStats, Source
+from nudging_core.types import GenerationStats, Role
 from nudging_core.upstream import UpstreamClient
 
 # Importing it runs the local upstream's start-up check on both models, and fails this module
@@ -64,6 +64,7 @@ from nudging_core.upstream import UpstreamClient
 from . import test_local_upstream as _llama_cpp_checked  # noqa: F401
 from .servers import free_port
 
+pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 240
 MAX_TOKENS = 48  # fast vs paper
@@ -194,7 +195,7 @@ def _start_demo(directory: Path) -> Demo:
     log = directory / "demo.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "demo", "--config", str(path),
+            [sys.executable, "-m", "cli", "demo", "--config", str(path),
              "--port", str(proxy_port), "--threads", "1"],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
         )
@@ -416,7 +417,7 @@ async def replay_paper(demo: Demo, question: str, max_tokens: int = MAX_TOKENS) 
     reset_caches(demo)
     stats = RecordingStats()
     transport = RecordingTransport(stats)
-    clients: dict[Source, UpstreamClient] = {
+    clients: dict[Role, UpstreamClient] = {
         "base": UpstreamClient(demo.base + "/v1", "gemma", role="base", transport=transport),
         "nudging": UpstreamClient(demo.nudger + "/v1", "smollm", role="nudging"),
     }
@@ -517,9 +518,9 @@ def classify(demo: Demo, question: str, fast: Run, paper: Run) -> Divergence:
     """Why `fast` and `paper` wrote different text: (retokenization) the base re-reading
     re-tokenized text at a `paper` chunk, (numeric) llama.cpp's batch-dependent rounding
     flipping a decision that sits at its threshold or at a tie."""
-    k = next((i for i, (a, b) in enumerate(zip(fast.text, paper.text)) if a != b),
+    k = next((i for i, (a, b) in enumerate(zip(fast.text, paper.text, strict=False)) if a != b),
              min(len(fast.text), len(paper.text)))
-    sources = next((i for i, (a, b) in enumerate(zip(fast.sources(), paper.sources()))
+    sources = next((i for i, (a, b) in enumerate(zip(fast.sources(), paper.sources(), strict=False))
                     if a != b or i >= k), k)
     # A decision is taken where the text so far ends; a word's leading space is the next
     # token's, so the decision point is before it.

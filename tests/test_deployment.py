@@ -27,10 +27,10 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import all_versions
 
-from nudging_core.baselines import TOP_K
+from cli import build_parser
+from nudging_core.config import Config, UpstreamConfig, load_config, parse_config
+from nudging_core.methods import MAX_TOP_K
 from server.app import create_app
-from server.cli import build_parser
-from server.config import Config, UpstreamConfig, load_config, parse_config
 
 from .servers import free_port, running
 
@@ -77,7 +77,8 @@ def _option(command: list[str], name: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def compose() -> Compose:
-    return yaml.safe_load(COMPOSE.read_text())  # expands the file's YAML anchors and merges
+    compose: Compose = yaml.safe_load(COMPOSE.read_text())  # expands the file's YAML anchors and merges
+    return compose
 
 
 def _services(compose: Compose, profile: str) -> dict[str, dict[str, Any]]:
@@ -171,7 +172,7 @@ def test_vllm_services_are_pinned_and_started_for_nudging(compose: Compose) -> N
         assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", service["image"]), name
         command = service["command"]
         # The baselines ask for their top-k logprobs (proxy tuning: the paper's top 100).
-        assert int(_option(command, "--max-logprobs") or 0) >= max(TOP_K.values()), name
+        assert int(_option(command, "--max-logprobs") or 0) >= MAX_TOP_K, name
         assert "--enable-prefix-caching" in command and "--max-model-len" in command, name
         assert "hf-cache:/root/.cache/huggingface" in service["volumes"], name
         [device] = service["deploy"]["resources"]["reservations"]["devices"]
@@ -211,7 +212,8 @@ def _instructions(dockerfile: DockerfileParser, name: str) -> list[str]:
 
 def _final_stage(dockerfile: DockerfileParser) -> list[dict[str, Any]]:
     froms = [index for index, item in enumerate(dockerfile.structure) if item["instruction"] == "FROM"]
-    return dockerfile.structure[froms[-1]:]
+    stage: list[dict[str, Any]] = dockerfile.structure[froms[-1]:]
+    return stage
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:

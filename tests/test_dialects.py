@@ -25,7 +25,9 @@ def transport(kind: str, seen: list[httpx.Request]) -> httpx.MockTransport:
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "owned_by": OWNERS[kind]}]})
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"id": "m", "owned_by": OWNERS[kind]}]}
+            )
         body = json.loads(request.content)
         if body.get("stream"):
             return httpx.Response(200, text=(FIXTURES / f"{kind}_stream.txt").read_text(),
@@ -100,7 +102,9 @@ async def test_streamed_tokens(kind: str, finish: str) -> None:
 
 async def test_request_bodies_per_dialect() -> None:
     seen: list[httpx.Request] = []
-    call = CompletionCall(prompt="p", max_tokens=3, temperature=0.5, top_p=0.9, seed=4, logprobs=1, stop=("\n",))
+    call = CompletionCall(
+        prompt="p", max_tokens=3, temperature=0.5, top_p=0.9, seed=4, logprobs=1, stop=("\n",)
+    )
     for kind in ("vllm", "llama_server"):
         upstream = client(kind, seen)
         await upstream.complete(call)

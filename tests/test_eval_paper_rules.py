@@ -37,7 +37,9 @@ TRICKY_OUTPUTS = [
     ("10,000.5 grams", "10000.5"),
     ("no digits at all", None),
 ]
-GSM8K_GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+GSM8K_GOLD = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+)
 
 
 @pytest.fixture(scope="module")

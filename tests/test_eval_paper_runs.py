@@ -90,7 +90,8 @@ def test_nudged_answers_are_cleaned_by_default_and_counted_before(
         assert record["raw_output"] == raw
         assert record["output"] == clean_repetitions(raw) == SENTENCE
         assert record["spans"] == [  # cut like the text
-            {"text": "The answer is 7", "source": "nudging"}, {"text": " because 4 + 3 = 7.", "source": "base"}
+            {"text": "The answer is 7", "source": "nudging"},
+            {"text": " because 4 + 3 = 7.", "source": "base"},
         ]
         assert record["nudging_word_ratio"] == pytest.approx(4 / 10)  # ours: of the cleaned answer
         # The paper's: before clean-up, without the last round's nudging words.
@@ -186,7 +187,9 @@ def simulated_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         yield config
 
 
-def test_paper_and_fast_in_process_count_the_papers_ratio_per_round(simulated_config: Path, tmp_path: Path) -> None:
+def test_paper_and_fast_in_process_count_the_papers_ratio_per_round(
+    simulated_config: Path, tmp_path: Path
+) -> None:
     common = ["--dataset", "synthetic_coin_flip", "--exp", "nudging", "--config", str(simulated_config),
               "--num-samples", "3", "--max-tokens", "60", "--out", str(tmp_path)]
     for strategy in ("paper", "fast"):

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from fastapi import FastAPI, Request
 
+from nudging_core.config import load_config
 from nudging_core.nudging.rules import clean_repetitions
 from nudging_eval.backends import AnswerOptions, Backend, InProcessBackend, Outcome
 from nudging_eval.cli import EXPERIMENTS, add_arguments, evaluate, main, run_name
@@ -28,7 +29,6 @@ from nudging_eval.runner import RunSettings, read_records, run_samples
 from nudging_eval.scoring import ran_on, score
 from nudging_eval.synthetic import generate
 from server.app import create_app as create_proxy
-from server.config import load_config
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import running
@@ -369,7 +369,7 @@ def test_the_cli_subcommand_on_hub_rows_with_a_judge(stack: Stack, tmp_path: Pat
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "cli",
                 "eval",
                 "--dataset",
                 "justeval_safe",

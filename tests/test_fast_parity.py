@@ -126,7 +126,9 @@ def assert_same(paper: Outcome, fast: Outcome, case: Case) -> None:
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**32 - 1))
-def test_fast_writes_what_paper_writes_on_looping_models(hub: tuple[Hub, str, Iterator[int]], seed: int) -> None:
+def test_fast_writes_what_paper_writes_on_looping_models(
+    hub: tuple[Hub, str, Iterator[int]], seed: int
+) -> None:
     case = case_from(random.Random(seed))
     paper, fast = asyncio.run(both(hub, case))
     assert_same(paper, fast, case)

@@ -59,7 +59,9 @@ def scenario(name: str, script: Script, text: str | None, swaps: dict[str, str] 
 
 
 SCENARIOS = [
-    scenario("takeover_after_first_word", script_takeover_after_first_word, TAKEOVER_TEXT, lookahead_tokens=4),
+    scenario(
+        "takeover_after_first_word", script_takeover_after_first_word, TAKEOVER_TEXT, lookahead_tokens=4
+    ),
     scenario("chunks", script_chunks, CHUNKS_TEXT, lookahead_tokens=3, chunk_tokens=2),
     scenario("chunks_budget", script_chunks, None, lookahead_tokens=3, chunk_tokens=2, max_tokens=7),
     scenario("no_takeover", script_no_takeover, NO_TAKEOVER_TEXT, lookahead_tokens=4),
@@ -70,25 +72,47 @@ SCENARIOS = [
     scenario("base_stops", script_base_stops, BASE_STOPS_TEXT, lookahead_tokens=3),
     scenario("base_stops_in_chunk", script_base_stops, BASE_STOPS_TEXT, lookahead_tokens=3, chunk_tokens=2),
     scenario("single_token_probe", script_single_token_probe, SINGLE_TOKEN_TEXT, lookahead_tokens=3),
-    scenario("threshold_edge", script_threshold_edge, " Sure! The sky is blue.", lookahead_tokens=3,
-             chunk_tokens=2),
+    scenario(
+        "threshold_edge", script_threshold_edge, " Sure! The sky is blue.", lookahead_tokens=3, chunk_tokens=2
+    ),
     scenario("distinct_words", script_distinct_words, " a b c d e", lookahead_tokens=1, max_rounds=5),
     scenario("repeated_words", script_repeated_words, " la la la", lookahead_tokens=1),
     scenario("round_limit", script_repeated_words, " la la", lookahead_tokens=1, max_rounds=2),
-    scenario("round_limit_continuation", script_takeover_after_first_word, " Sure! The sky is blue",
-             lookahead_tokens=4, max_rounds=1),
-    scenario("stop_across_pieces", script_takeover_after_first_word, " Sure! ", lookahead_tokens=4,
-             stop=("The sky",)),
-    scenario("stop_in_next_round", script_takeover_after_first_word, " Sure! The sky is ", lookahead_tokens=4,
-             stop=("blue. B",)),
-    scenario("cleanup", script_takeover_after_first_word, TAKEOVER_TEXT.strip(), lookahead_tokens=4,
-             cleanup=True),
+    scenario(
+        "round_limit_continuation",
+        script_takeover_after_first_word,
+        " Sure! The sky is blue",
+        lookahead_tokens=4,
+        max_rounds=1,
+    ),
+    scenario(
+        "stop_across_pieces",
+        script_takeover_after_first_word,
+        " Sure! ",
+        lookahead_tokens=4,
+        stop=("The sky",),
+    ),
+    scenario(
+        "stop_in_next_round",
+        script_takeover_after_first_word,
+        " Sure! The sky is ",
+        lookahead_tokens=4,
+        stop=("blue. B",),
+    ),
+    scenario(
+        "cleanup", script_takeover_after_first_word, TAKEOVER_TEXT.strip(), lookahead_tokens=4, cleanup=True
+    ),
 ] + [
     # With 6 or 7 tokens, paper's probe holds the uncertain "!" within the budget; fast stops
     # at the budget first.
-    scenario(f"budget_{max_tokens}", script_budget_words, None,
-             {"uncertain_token": "budget_in_continuation"} if max_tokens in (6, 7) else None,
-             lookahead_tokens=5, max_tokens=max_tokens)
+    scenario(
+        f"budget_{max_tokens}",
+        script_budget_words,
+        None,
+        {"uncertain_token": "budget_in_continuation"} if max_tokens in (6, 7) else None,
+        lookahead_tokens=5,
+        max_tokens=max_tokens,
+    )
     for max_tokens in (1, 3, 4, 5, 6, 7, 8)
 ]
 
@@ -139,8 +163,11 @@ def script_fast_takeover(pair: Scripted) -> None:
     """As script_takeover_after_first_word, but the last lookahead is one word (no stray probe)."""
     pair.nudger.add(PN, toks(" Sure! The sky is"), eos=False)
     pair.base.add(PB + " Sure!", [(" Well", 0.2)], eos=False)
-    pair.base.add(PB + " Sure! The", [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (".", 0.3), (" Next", 0.5)],
-                  eos=False)
+    pair.base.add(
+        PB + " Sure! The",
+        [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (".", 0.3), (" Next", 0.5)],
+        eos=False,
+    )
     pair.nudger.add(PN + " Sure! The sky is blue", toks("."), eos=True)
 
 
@@ -320,7 +347,10 @@ async def test_fast_long_continuation_is_streamed_in_parts_of_256(pair: Scripted
     assert out.text == " Go" + words + "!"
     # The winning probe streams 256 tokens (w0..w255); a new stream goes on from there.
     first = "".join(f" w{i}" for i in range(256))
-    assert [r for r in requests(pair) if r[0] == "b"] == [("b", " Go", 256, True), ("b", " Go" + first, 256, True)]
+    assert [r for r in requests(pair) if r[0] == "b"] == [
+        ("b", " Go", 256, True),
+        ("b", " Go" + first, 256, True),
+    ]
 
 
 async def test_fast_probe_that_ends_at_once_is_empty_like_paper(pair: Scripted) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 from upstreams.simulator.faults import COMPLETIONS, Fault, Faults, FaultSpecError, parse_faults
 
@@ -396,8 +396,9 @@ def test_faulted_answers_look_as_documented(simulator: str) -> None:
     assert no_logprobs["choices"][0]["logprobs"] is None and no_logprobs["choices"][0]["text"]
     overflow = answer("context_overflow", False)
     assert overflow.status_code == 400
-    assert overflow.json()["error"]["message"].startswith("This model's maximum context length is 4096 tokens. "
-                                                          "However, your prompt contains ")
+    assert overflow.json()["error"]["message"].startswith(
+        "This model's maximum context length is 4096 tokens. However, your prompt contains "
+    )
     malformed = answer("malformed", False)
     with pytest.raises(ValueError):
         malformed.json()

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from nudging_core.config import parse_config
+from nudging_core.protocol import ChatCompletionRequest, CompletionRequest
 from server.app import create_app
-from server.config import parse_config
-from server.protocol import ChatCompletionRequest, CompletionRequest
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import running
@@ -108,7 +108,7 @@ TYPICAL: dict[type[BaseModel], dict[str, st.SearchStrategy[Any]]] = {
 def bodies(model: type[BaseModel]) -> st.SearchStrategy[bytes]:
     schema = model.model_json_schema()
     valid = from_schema(schema, schema.get("$defs", {}))
-    typical = st.just({}) | st.fixed_dictionaries(TYPICAL[model])
+    typical: st.SearchStrategy[dict[str, Any]] = st.just({}) | st.fixed_dictionaries(TYPICAL[model])
     named = st.tuples(valid, typical, st.sampled_from([*MODELS, "unknown"])).map(
         lambda t: {**t[0], **t[1], "model": t[2]}
     )

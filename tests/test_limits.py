@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import LimitsConfig, parse_config
+from nudging_core.errors import APIError
+from nudging_core.protocol import ChatCompletionRequest, CompletionRequest
+from nudging_core.service.limits import check_limits
 from server.app import create_app
-from server.config import LimitsConfig, parse_config
-from server.errors import APIError
-from server.limits import check_limits
-from server.protocol import ChatCompletionRequest, CompletionRequest
 
 from .conftest import USER, scripted_pair
 from .servers import running

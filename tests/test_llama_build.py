@@ -81,7 +81,7 @@ def test_the_local_upstream_refuses_to_start_when_its_check_fails(tmp_path: Path
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
-    done = subprocess.run([sys.executable, "-m", "server.cli", "local-upstream", "--gguf", str(broken),
+    done = subprocess.run([sys.executable, "-m", "cli", "local-upstream", "--gguf", str(broken),
                            "--port", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "local-upstream: llama.cpp failed a test prompt with broken.gguf" in done.stderr

@@ -19,7 +19,6 @@ import asyncio
 import ctypes
 import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,10 +44,13 @@ import llama_cpp
 from upstreams.local import weights
 from upstreams.local.app import create_app
 from upstreams.local.cli import add_arguments
-from upstreams.local.generation import Outcome, Prefill, Sampling, generate
+from upstreams.local.generation import Outcome, Prefill, generate
 from upstreams.local.text import StopStrings, Utf8Pieces
+from upstreams.openai_api import Sampling
 
 from .servers import running
+
+pytestmark = pytest.mark.real_model
 
 try:
     SMOLLM_PATH = weights.smollm_path()
@@ -96,7 +98,8 @@ class Reference:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def tokenize(self, prompt: str) -> list[int]:
-        return self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        tokens: list[int] = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        return tokens
 
     def greedy(self, prompt: str | list[list[int]], max_tokens: int,
                ) -> tuple[list[int], list[float]]:
@@ -108,7 +111,7 @@ class Reference:
         single tokens, so only the same schedule gives the same numbers.
         """
         llm = self.llm
-        llm.reset()  # type: ignore[no-untyped-call]
+        llm.reset()  # type: ignore[no-untyped-call, unused-ignore]  # (untyped when installed)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
         for chunk in [self.tokenize(prompt)] if isinstance(prompt, str) else prompt:
             llm.eval(chunk)

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app
-from server.config import parse_config
 from server.logs import JsonFormatter, configure_logging
 
 from .conftest import USER, scripted_pair

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from nudging_core.config import parse_config
 from server.app import create_app
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 
 from .conftest import BASE_PROMPT, USER

@@ -1,41 +1,37 @@
 """Strategy `paper`, rule by rule (DESIGN 3.1), plus the budget and stop strings (DESIGN 5).
 
-Every test scripts the two upstreams, runs one generation over real HTTP and asserts the
-exact text and the exact upstream requests, in order, that prove the rule: `pair.calls()`
-lists them as ("n" | "b", prompt after P_n | P_b, max_tokens).
+Every test scripts the two upstreams, runs one generation and asserts the exact text and
+the exact upstream requests, in order, that prove the rule: `pair.calls()` lists them as
+("n" | "b", prompt after P_n | P_b, max_tokens).
 
-The scripted upstreams of a module share one uvicorn server (each test mounts fresh
-`ScriptedUpstream`s under its own path), which keeps the module fast enough to run under
-mutation testing.
+The scripted upstreams answer in this process (`nudging_core.upstream.MemoryUpstream`, the
+vLLM dialect's JSON parsed as a server's would be): no sockets, no uvicorn, which keeps the
+module fast enough to run under mutation testing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx._transports.default as httpx_transports
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nudging_core.calls import derive_seed
-from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
 from nudging_core.nudging.rules import Lookahead, clean_repetitions, repeated_suffix_length
-from nudging_core.types import SamplingParams
-from nudging_core.upstream import UpstreamClient
+from nudging_core.types import Role, SamplingParams
+from nudging_core.upstream import MemoryUpstream, Upstream
 from tests.harness import BASE_PROMPT as PB
 from tests.harness import NUDGING_PROMPT as PN
-from tests.harness import Outcome, Pair
+from tests.harness import Outcome, run_nudging
 from tests.scripted import ScriptedUpstream
-from tests.servers import running
 
 # --- infrastructure ------------------------------------------------------------------------------
 
@@ -60,96 +56,78 @@ def b(suffix: str, max_tokens: int = 16) -> tuple[str, str, int]:
 
 
 class Mount:
-    """One scripted upstream behind the shared server: records every completions request on
-    arrival (in the pair's shared log), and can hold chosen prompts back for a while; a held
-    request whose client disconnects is abandoned and never reaches the upstream. With
-    `event_delay`, each event of a streamed reply is sent that many seconds after the previous."""
+    """One scripted upstream in this process: records every completions request on arrival
+    (in the pair's shared log), and can hold chosen prompts back for a while; a held request
+    whose client leaves is abandoned and never reaches the upstream. The answer is written at
+    once, whether or not the client reads it (as a server writes into its socket); with
+    `event_delay`, each event of a streamed reply comes that many seconds after the previous."""
 
     def __init__(self, upstream: ScriptedUpstream, role: str, log: list[dict[str, Any]]) -> None:
         self.upstream = upstream
         self.role = role
-        self.app = upstream.app()
         self.log = log
         self.delays: dict[tuple[str, bool], float] = {}
         self.event_delay = 0.0
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["path"] != "/v1/completions":
-            await self.app(scope, receive, send)
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        request = json.loads(body)
+    async def handle(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         entry = {"role": self.role, "body": request, "arrived": time.monotonic(),
                  "answered": None, "abandoned": False}
         self.log.append(entry)
         delay = self.delays.get((request["prompt"], bool(request.get("stream"))), 0.0)
         if delay:
-            sleeper = asyncio.ensure_future(asyncio.sleep(delay))
-            disconnect = asyncio.ensure_future(receive())
-            done, pending = await asyncio.wait({sleeper, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            if disconnect in done:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
                 entry["abandoned"] = True
-                return
-        replayed = False
+                raise
+        payloads = self.upstream.answer(request, ROLES[self.role])
+        written: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def write() -> None:
+            paced = bool(self.event_delay and request.get("stream"))
+            for payload in payloads:
+                if paced:
+                    await asyncio.sleep(self.event_delay)
+                written.put_nowait(payload)
+            if paced:
+                await asyncio.sleep(self.event_delay)  # a server's closing `[DONE]` event
+            entry["answered"] = time.monotonic()
+            written.put_nowait(None)
 
-        async def paced_send(message: Any) -> None:
-            if self.event_delay and request.get("stream") and message.get("body"):
-                await asyncio.sleep(self.event_delay)
-            await send(message)
+        writer = asyncio.ensure_future(write())
+        try:
+            while (payload := await written.get()) is not None:
+                yield payload
+        finally:
+            writer.cancel()
 
-        await self.app(scope, replay, paced_send)
-        entry["answered"] = time.monotonic()
+    def upstream_for(self) -> MemoryUpstream:
+        return MemoryUpstream(self.handle, role=ROLES[self.role], model="scripted")
+
+
+ROLES: dict[str, Role] = {"b": "base", "n": "nudging"}
 
 
 class Hub:
-    """ASGI app routing /<key>/<role>/... to the mounts of one test."""
-
-    def __init__(self) -> None:
-        self.mounts: dict[tuple[str, str], Mount] = {}
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        _, key, role, rest = scope["path"].split("/", 3)
-        path = "/" + rest
-        await self.mounts[(key, role)](dict(scope, path=path, raw_path=path.encode()), receive, send)
+    """What a module's pairs share (nothing, since the upstreams live in memory; kept so the
+    modules that import it keep their fixtures)."""
 
 
 class Scripted:
-    """A scripted base/nudger pair (like `tests.harness.scripted_pair()`) on the shared server."""
+    """A scripted base/nudger pair, in this process."""
 
     def __init__(self, hub: Hub, url: str, key: str) -> None:
         self.base = ScriptedUpstream("base")
         self.nudger = ScriptedUpstream("nudger")
         self.log: list[dict[str, Any]] = []
         self.mounts = {"b": Mount(self.base, "b", self.log), "n": Mount(self.nudger, "n", self.log)}
-        hub.mounts[(key, "base")] = self.mounts["b"]
-        hub.mounts[(key, "nudger")] = self.mounts["n"]
-        self._pair = Pair(self.base, self.nudger, f"{url}/{key}/base", f"{url}/{key}/nudger")
+
+    def upstreams(self) -> dict[Role, Upstream]:
+        return {"base": self.mounts["b"].upstream_for(), "nudging": self.mounts["n"].upstream_for()}
 
     async def run(self, max_tokens: int = 200, stop: tuple[str, ...] = (), **params: Any) -> Outcome:
         self.log.clear()
-        out = await self._pair.run(max_tokens=max_tokens, stop=stop, **params)
+        out = await run_nudging(self.upstreams(), max_tokens=max_tokens, stop=stop, **params)
         received = {"base": sum(e["role"] == "b" for e in self.log),
                     "nudging": sum(e["role"] == "n" for e in self.log)}
         if params.get("strategy") == "paper":
@@ -163,15 +141,8 @@ class Scripted:
     async def run_seeded(self, seed: int, **params: Any) -> str:
         """A generation with `seed` (the harness has no sampling parameters); returns its text."""
         self.log.clear()
-        clients = {"base": UpstreamClient(self._pair.base_url + "/v1", "scripted", role="base"),
-                   "nudging": UpstreamClient(self._pair.nudger_url + "/v1", "scripted", role="nudging")}
-        request = GenerationRequest(method="nudging", max_tokens=200, base_prompt=PB, nudging_prompt=PN,
-                                    params=NudgingParams(**params), sampling=SamplingParams(seed=seed))
-        try:
-            return "".join([piece.text async for piece in Generation(request, clients).pieces()])  # type: ignore[arg-type]
-        finally:
-            for client in clients.values():
-                await client.aclose()
+        out = await run_nudging(self.upstreams(), sampling=SamplingParams(seed=seed), **params)
+        return out.text
 
     def delay(self, role: str, suffix: str, seconds: float, *, stream: bool = False) -> None:
         """Hold back the requests (streamed or not) for prompt P_b/P_n + suffix."""
@@ -191,16 +162,9 @@ class Scripted:
         return result
 
 
-_cached_ssl_context = httpx_transports.create_ssl_context()  # type: ignore[attr-defined]
-
-
 @pytest.fixture(scope="module")
 def hub() -> Iterator[tuple[Hub, str, Iterator[int]]]:
-    app = Hub()
-    # Each run builds two httpx clients; building their SSL context is most of a run's time.
-    with pytest.MonkeyPatch.context() as patch, running(app) as url:
-        patch.setattr(httpx_transports, "create_ssl_context", lambda *a, **k: _cached_ssl_context)
-        yield app, url, itertools.count()
+    yield Hub(), "memory://", itertools.count()
 
 
 @pytest.fixture
@@ -238,7 +202,11 @@ def script_takeover_after_first_word(pair: Scripted) -> None:
     prefix of " sky"), continues " is blue" and is uncertain at "."; the nudger then stops."""
     pair.nudger.add(PN, toks(" Sure! The sky is"), eos=False)
     pair.base.add(PB + " Sure!", [(" Well", 0.2)], eos=False)
-    pair.base.add(PB + " Sure! The", [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (".", 0.3), (" Next", 0.5)], eos=False)
+    pair.base.add(
+        PB + " Sure! The",
+        [(" sky", 0.8), (" is", 0.9), (" blue", 0.9), (".", 0.3), (" Next", 0.5)],
+        eos=False,
+    )
     pair.nudger.add(PN + " Sure! The sky is blue", [(".", 0.9), (" Bye", 0.9)], eos=True)
 
 
@@ -368,7 +336,11 @@ async def test_nudger_stop_appends_whole_lookahead(pair: Scripted) -> None:
     assert out.text == " Hello world  again"
     assert pair.calls() == [n("")]
     assert out.stats.rules == {"nudger_stop": 1}
-    assert (out.stats.stop_reason, out.finish_reason, out.completion_tokens) == ("nudging_model_stop", "stop", 4)
+    assert (out.stats.stop_reason, out.finish_reason, out.completion_tokens) == (
+        "nudging_model_stop",
+        "stop",
+        4,
+    )
 
 
 async def test_nudger_length_is_not_a_stop(pair: Scripted) -> None:
@@ -557,7 +529,11 @@ async def test_fourth_identical_nudging_words_end_without_appending(pair: Script
     out = await pair.run(**runs(lookahead_tokens=1))
     assert out.text == " la la la"
     assert pair.calls() == [n("", 1), n(" la", 1), n(" la la", 1), n(" la la la", 1)]
-    assert (out.stats.stop_reason, out.finish_reason, out.stats.rounds) == ("repeated_nudging_words", "stop", 4)
+    assert (out.stats.stop_reason, out.finish_reason, out.stats.rounds) == (
+        "repeated_nudging_words",
+        "stop",
+        4,
+    )
     assert out.stats.rules["repeated_nudging_words"] == 1
 
 
@@ -765,8 +741,16 @@ async def test_copy_guard_more_than_five_pieces_in_output_stops(pair: Scripted, 
     pair.nudger.add(PN + " one two three four five six So one", toks("."), eos=True)
     out = await pair.run(**runs(strategy=strategy, lookahead_tokens=7))
     assert out.text == " one two three four five six So one."
-    expect_calls(pair, strategy, -3, [n(" one two three four five six", 7), b(" one two three four five six So"),
-                                 n(" one two three four five six So one", 7)])
+    expect_calls(
+        pair,
+        strategy,
+        -3,
+        [
+            n(" one two three four five six", 7),
+            b(" one two three four five six So"),
+            n(" one two three four five six So one", 7),
+        ],
+    )
     assert out.stats.rules["chunk_copies_output"] == 1
     assert "uncertain_token" not in out.stats.rules
 
@@ -793,14 +777,26 @@ async def test_copy_guard_sees_acc(pair: Scripted, strategy: str) -> None:
     pair.nudger.add(PN, toks(" a b c So"), eos=False)
     for prefix in (" a", " a b"):
         pair.base.add(PB + prefix, [(" z", 0.1)], eos=False)
-    pair.base.add(PB + " a b c", [(" So", 0.1), (" d", 0.9), (" e", 0.9), (" f", 0.9), (" g", 0.9)], eos=False)
+    pair.base.add(
+        PB + " a b c", [(" So", 0.1), (" d", 0.9), (" e", 0.9), (" f", 0.9), (" g", 0.9)], eos=False
+    )
     pair.base.add(PB + " a b c So d e f g", toks(" a b c So d"), eos=False)
     pair.nudger.add(PN + " a b c So d e f g", toks("."), eos=True)
     out = await pair.run(**runs(strategy=strategy, lookahead_tokens=4, chunk_tokens=5))
     # " a b c So d" (6 pieces) occurs in out + acc = " a b c" + " So d e f g": stop without adding.
     assert out.text == " a b c So d e f g."
-    expect_calls(pair, strategy, [n("", 4), b(" a", 5), b(" a b", 5), b(" a b c", 5), b(" a b c So d e f g", 5),
-                            n(" a b c So d e f g", 4)])
+    expect_calls(
+        pair,
+        strategy,
+        [
+            n("", 4),
+            b(" a", 5),
+            b(" a b", 5),
+            b(" a b c", 5),
+            b(" a b c So d e f g", 5),
+            n(" a b c So d e f g", 4),
+        ],
+    )
     assert out.stats.rules["chunk_copies_output"] == 1
 
 
@@ -1098,7 +1094,9 @@ async def test_budget_cuts_the_stopped_nudgers_lookahead(
         (("nowhere",), TAKEOVER_TEXT, 4),
     ],
 )
-async def test_stop_strings_across_pieces(pair: Scripted, stop: tuple[str, ...], text: str, calls: int) -> None:
+async def test_stop_strings_across_pieces(
+    pair: Scripted, stop: tuple[str, ...], text: str, calls: int
+) -> None:
     script_takeover_after_first_word(pair)
     out = await pair.run(stop=stop, **runs(lookahead_tokens=4))
     assert out.text == text
@@ -1126,7 +1124,9 @@ async def test_seeds_are_derived_per_round_and_role(pair: Scripted) -> None:
     rounds = [1, 1, 1, 1, 1, 1, 2]
     roles = {"n": "nudging", "b": "base"}
     assert [(e["role"], e["body"]["seed"]) for e in pair.entries()] == [
-        (e["role"], derive_seed(7, 0, r, roles[e["role"]])) for e, r in zip(pair.entries(), rounds, strict=True)]
+        (e["role"], derive_seed(7, 0, r, roles[e["role"]]))
+        for e, r in zip(pair.entries(), rounds, strict=True)
+    ]
 
 
 def test_defaults() -> None:

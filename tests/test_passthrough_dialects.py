@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import pytest
-
 from nudging_core.calls import derive_seed
 from nudging_core.generation import Generation, GenerationRequest
-from nudging_core.types import SamplingParams
+from nudging_core.methods import Method
+from nudging_core.types import Role, SamplingParams
 from nudging_core.upstream import UpstreamClient
 
 from .scripted import ScriptedUpstream
@@ -36,8 +36,10 @@ def llama_server() -> Starlette:
 async def test_base_only_over_llama_server_keeps_its_text() -> None:
     with running(llama_server()) as url:
         client = UpstreamClient(url + "/v1", "m", role="base")
-        generation = Generation(GenerationRequest(method="base_only", max_tokens=5, base_prompt="The capital of France is"),
-                                {"base": client})
+        generation = Generation(
+            GenerationRequest(method="base_only", max_tokens=5, base_prompt="The capital of France is"),
+            {"base": client},
+        )
         try:
             text = "".join([piece.text async for piece in generation.pieces()])
         finally:
@@ -48,12 +50,12 @@ async def test_base_only_over_llama_server_keeps_its_text() -> None:
 
 
 @pytest.mark.parametrize("method", ["base_only", "nudging_only"])
-async def test_passthrough_sends_the_client_s_seed(method: str) -> None:
+async def test_passthrough_sends_the_client_s_seed(method: Method) -> None:
     # A sampled passthrough answer must be the one the upstream gives for the client's seed;
     # further choices need seeds of their own, or they would all be the same answer.
     upstream = ScriptedUpstream()
     upstream.add("Hi", [(" there", 0.5), ("!", 0.5)])
-    role = "base" if method == "base_only" else "nudging"
+    role: Role = "base" if method == "base_only" else "nudging"
     sent = []
     with running(upstream.app()) as url:
         client = UpstreamClient(url + "/v1", "scripted", role=role)

@@ -23,12 +23,14 @@ import httpx
 import pytest
 import yaml
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from server.playground import describe_models
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import running
+
+pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_CONFIG = ROOT / "configs" / "sim.yaml"
@@ -366,7 +368,8 @@ def test_pairs_each_nudged_model_with_the_models_on_its_upstreams(simulators: di
     data = sim_config(simulators)
     data["models"].append({
         "name": "lonely", "base": {"url": "http://10.0.0.1:9/v1", "model": "other"},
-        "nudging": {"url": simulators["aligned"] + "/v1", "model": "aligned", "chat_template": "llama-2-chat"},
+        "nudging": {"url": simulators["aligned"] + "/v1", "model": "aligned",
+                    "chat_template": "llama-2-chat"},
     })
     described = {model["name"]: model for model in describe_models(parse_config(data))}
     assert set(described) == {"sim-nudged", "sim-nudged-paper", "lonely"}

@@ -7,12 +7,9 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 
-from nudging_core.templates import Message, TemplateError, normalize_messages
-from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
-from server.errors import (
+from nudging_core.errors import (
     APIError,
     error_body,
-    install_error_handlers,
     invalid_request,
     model_not_found,
     unauthorized,
@@ -20,7 +17,7 @@ from server.errors import (
     upstream_failure,
     upstream_unavailable,
 )
-from server.protocol import (
+from nudging_core.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -41,6 +38,9 @@ from server.protocol import (
     parse_request,
     unsupported_fields,
 )
+from nudging_core.templates import Message, TemplateError, normalize_messages
+from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
+from server.errors import install_error_handlers
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once upon a time"}
@@ -93,8 +93,8 @@ def test_chat_full_body() -> None:
     assert request.stop_list() == ["\n\n"] and request.include_usage()
     assert request.nudging is not None and request.nudging.strategy == "paper"
     assert request.nudging.return_provenance is None
-    assert request.message_dicts()[1] == {"role": "user", "content": [{"type": "text", "text": "hi"}]}
-    assert request.message_dicts()[2] == {"role": "assistant", "content": None, "tool_calls": []}
+    assert dict(request.messages[1]) == {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    assert dict(request.messages[2]) == {"role": "assistant", "content": None, "tool_calls": []}
     assert unsupported_fields(request) == []
     # Validated messages are plain dicts, ready for the template code.
     assert normalize_messages(request.messages) == [
@@ -107,7 +107,9 @@ def test_chat_full_body() -> None:
 
 def test_non_text_parts_validate_and_are_kept() -> None:
     part = {"type": "image_url", "image_url": {"url": "data:,"}, "detail": "low"}
-    request = parse_request(ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [part]}]})
+    request = parse_request(
+        ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [part]}]}
+    )
     assert request.messages[0]["content"] == [part]
     with pytest.raises(TemplateError, match="only text parts"):
         normalize_messages(request.messages)
@@ -158,8 +160,16 @@ def test_single_prompt() -> None:
         (ChatCompletionRequest, {"messages": "hi"}, "messages"),
         (ChatCompletionRequest, {"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
-        (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages.0.content.0.type"),
-        (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0"),
+        (
+            ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": [{"text": "x"}]}]},
+            "messages.0.content.0.type",
+        ),
+        (
+            ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages.0.content.0",
+        ),
         (ChatCompletionRequest, {"max_completion_tokens": -1}, "max_completion_tokens"),
         (ChatCompletionRequest, {"logprobs": "many"}, "logprobs"),
     ],
@@ -257,7 +267,10 @@ def test_chat_response_with_nudging_report() -> None:
         model="m",
         choices=[
             ChatCompletionChoice(
-                index=0, message=ChatCompletionMessage(content="Sure, here."), finish_reason="stop", nudging=report
+                index=0,
+                message=ChatCompletionMessage(content="Sure, here."),
+                finish_reason="stop",
+                nudging=report,
             )
         ],
         usage=UsageInfo(prompt_tokens=1, completion_tokens=4, total_tokens=5),
@@ -320,7 +333,7 @@ def test_model_list() -> None:
 
 
 def test_error_helpers() -> None:
-    assert error_body("m", "invalid_request_error") == {
+    assert error_body(APIError(400, "m")) == {
         "error": {"message": "m", "type": "invalid_request_error", "param": None, "code": None}
     }
     assert invalid_request("bad", "n").to_dict()["error"]["param"] == "n"
@@ -332,7 +345,9 @@ def test_error_helpers() -> None:
         "model",
     )
     assert unauthorized().status_code == 401 and unauthorized().type == "authentication_error"
-    down = upstream_unavailable("base", "connection refused to http://10.0.0.5:8000/v1/completions", status_code=503)
+    down = upstream_unavailable(
+        "base", "connection refused to http://10.0.0.5:8000/v1/completions", status_code=503
+    )
     assert down.status_code == 503 and down.type == "upstream_error"
     assert "10.0.0.5" not in down.message and "base" in down.message
     with pytest.raises(ValueError):
@@ -346,11 +361,19 @@ def test_error_helpers() -> None:
     [
         (UpstreamTimeout("base", "timed out"), 504, "upstream_timeout"),
         (UpstreamError("nudging", "unreachable (ConnectError)"), 502, "upstream_error"),
-        (UpstreamError("base", "HTTP 500: boom at http://10.1.2.3:8000/v1", status_code=500), 502, "upstream_error"),
+        (
+            UpstreamError("base", "HTTP 500: boom at http://10.1.2.3:8000/v1", status_code=500),
+            502,
+            "upstream_error",
+        ),
         (UpstreamError("base", "HTTP 503: overloaded", status_code=503), 503, "upstream_unavailable"),
         (UpstreamError("base", "HTTP 401: bad key", status_code=401), 502, "upstream_error"),
         (UpstreamError("base", "HTTP 400: top_k must be -1 or positive", status_code=400), 400, None),
-        (ContextOverflow("base", "maximum context length is 4096 tokens", status_code=400), 400, "context_length_exceeded"),
+        (
+            ContextOverflow("base", "maximum context length is 4096 tokens", status_code=400),
+            400,
+            "context_length_exceeded",
+        ),
     ],
 )
 def test_upstream_failure(error: UpstreamError, status: int, code: str | None) -> None:
@@ -402,14 +425,18 @@ def assert_openai_error(response: Any, status: int) -> dict[str, Any]:
 
 
 def test_malformed_json(client: TestClient) -> None:
-    response = client.post("/v1/completions", content=b'{"model": "m",', headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/completions", content=b'{"model": "m",', headers={"content-type": "application/json"}
+    )
     error = assert_openai_error(response, 400)
     assert error["message"] == "Could not parse the request body as JSON."
     assert error["type"] == "invalid_request_error"
 
 
 def test_not_json_content_type(client: TestClient) -> None:
-    response = client.post("/v1/completions", content=json.dumps(COMPLETION).encode(), headers={"content-type": "text/plain"})
+    response = client.post(
+        "/v1/completions", content=json.dumps(COMPLETION).encode(), headers={"content-type": "text/plain"}
+    )
     assert "Content-Type: application/json" in assert_openai_error(response, 400)["message"]
 
 
@@ -458,4 +485,8 @@ def test_unexpected_exception_is_generic_500(client: TestClient) -> None:
     response = client.get("/boom")
     error = assert_openai_error(response, 500)
     assert error["type"] == "server_error"
-    assert "secret" not in response.text and "vllm-base" not in response.text and "RuntimeError" not in response.text
+    assert (
+        "secret" not in response.text
+        and "vllm-base" not in response.text
+        and "RuntimeError" not in response.text
+    )

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nudging_core.config import parse_config
 from nudging_core.upstream import UpstreamClient
-from nudging_core.upstream.dialects import OpenAICompletions
+from nudging_core.upstream.dialects.openai import OpenAICompletions
 from server.app import create_app
-from server.config import parse_config
 
 from .real_vllm import GEMMA, SKIP_ENV, SMOL, TIMINGS, VllmPair, extra_server, start_pair
 from .servers import running
@@ -87,7 +87,8 @@ def smol(vllm: VllmPair) -> Iterator[httpx.Client]:
 
 def _ok(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 200, response.text
-    return response.json()
+    body: dict[str, Any] = response.json()
+    return body
 
 
 def _events(response: httpx.Response) -> list[Any]:
@@ -143,8 +144,18 @@ async def test_logprobs_streamed_and_not_give_the_same_tokens(vllm: VllmPair, ge
         assert stream.prompt_tokens == await client.count_tokens("The capital of France is") == 6
     finally:
         await client.aclose()
-    direct = _ok(gemma.post("/v1/completions", json={
-        "model": GEMMA, "prompt": "The capital of France is", "max_tokens": 8, "logprobs": 5, "temperature": 0}))
+    direct = _ok(
+        gemma.post(
+            "/v1/completions",
+            json={
+                "model": GEMMA,
+                "prompt": "The capital of France is",
+                "max_tokens": 8,
+                "logprobs": 5,
+                "temperature": 0,
+            },
+        )
+    )
     assert whole.text == direct["choices"][0]["text"] == "".join(t.text for t in streamed)
     assert [t.text for t in whole.tokens] == [t.text for t in streamed]
     assert len(whole.tokens) == 8 and whole.prompt_tokens == 6
@@ -176,7 +187,9 @@ async def test_a_split_utf8_character_is_never_split_in_the_text(vllm: VllmPair,
 
 
 def test_tokenize_with_messages_then_detokenize_gives_smollm_s_chatml(smol: httpx.Client) -> None:
-    tokens = _ok(smol.post("/tokenize", json={"model": SMOL, "messages": CHAT, "add_generation_prompt": True}))
+    tokens = _ok(
+        smol.post("/tokenize", json={"model": SMOL, "messages": CHAT, "add_generation_prompt": True})
+    )
     text = _ok(smol.post("/detokenize", json={"model": SMOL, "tokens": tokens["tokens"]}))["prompt"]
     assert text.endswith("<|im_start|>user\nGive me three tips to stay healthy.<|im_end|>\n"
                          "<|im_start|>assistant\n")
@@ -184,8 +197,12 @@ def test_tokenize_with_messages_then_detokenize_gives_smollm_s_chatml(smol: http
 
 
 def test_auto_template_gives_the_upstream_s_prompt_size(proxy: httpx.Client, smol: httpx.Client) -> None:
-    rendered = _ok(smol.post("/tokenize", json={"model": SMOL, "messages": CHAT, "add_generation_prompt": True}))
-    body = _ok(proxy.post("/v1/chat/completions", json={"model": "smollm-auto", "messages": CHAT, "max_tokens": 8}))
+    rendered = _ok(
+        smol.post("/tokenize", json={"model": SMOL, "messages": CHAT, "add_generation_prompt": True})
+    )
+    body = _ok(
+        proxy.post("/v1/chat/completions", json={"model": "smollm-auto", "messages": CHAT, "max_tokens": 8})
+    )
     assert body["usage"]["prompt_tokens"] == rendered["count"]
     assert body["choices"][0]["message"]["content"]
     nudged = _ok(proxy.post("/v1/chat/completions", json={
@@ -313,7 +330,9 @@ def test_a_nudged_answer_that_reaches_the_context_ends_with_length(
 
 
 def test_bad_fields_are_the_client_s_400(proxy: httpx.Client) -> None:
-    bad_type = proxy.post("/v1/completions", json={"model": "gemma-base", "prompt": "Hi", "max_tokens": "four"})
+    bad_type = proxy.post(
+        "/v1/completions", json={"model": "gemma-base", "prompt": "Hi", "max_tokens": "four"}
+    )
     assert bad_type.status_code == 400 and bad_type.json()["error"]["param"] == "max_tokens"
     nudged = proxy.post("/v1/completions", json={"model": "gemma-nudged", "prompt": "Hi", "logprobs": 2})
     assert nudged.status_code == 400 and nudged.json()["error"]["param"] == "logprobs"
@@ -345,13 +364,20 @@ def _direct(server: httpx.Client, model: str, **body: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_base_only_returns_the_upstream_s_logprobs(proxy: httpx.Client, gemma: httpx.Client, stream: bool) -> None:
+def test_base_only_returns_the_upstream_s_logprobs(
+    proxy: httpx.Client, gemma: httpx.Client, stream: bool
+) -> None:
     request = {"prompt": "The capital of France is", "max_tokens": 8, "logprobs": 5}
     direct = _direct(gemma, GEMMA, **request)["choices"][0]
     response = proxy.post("/v1/completions", json={"model": "gemma-base", **request, "stream": stream})
     if stream:
         chunks = [e for e in _events(response) if isinstance(e, dict) and e["choices"]]
-        logprobs: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        logprobs: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
         for chunk in chunks:
             for key in logprobs:
                 logprobs[key].extend((chunk["choices"][0]["logprobs"] or {}).get(key) or [])
@@ -363,7 +389,9 @@ def test_base_only_returns_the_upstream_s_logprobs(proxy: httpx.Client, gemma: h
     assert logprobs is not None
     assert logprobs["tokens"] == direct["logprobs"]["tokens"]
     assert logprobs["token_logprobs"] == pytest.approx(direct["logprobs"]["token_logprobs"], abs=1e-4)
-    assert [list(top) for top in logprobs["top_logprobs"]] == [list(top) for top in direct["logprobs"]["top_logprobs"]]
+    assert [list(top) for top in logprobs["top_logprobs"]] == [
+        list(top) for top in direct["logprobs"]["top_logprobs"]
+    ]
     assert logprobs["text_offset"] == direct["logprobs"]["text_offset"]
 
 
@@ -387,10 +415,14 @@ def test_base_only_echo_with_logprobs_is_vllm_s_answer(proxy: httpx.Client, gemm
     assert body["choices"][0]["text"] == direct["choices"][0]["text"]
     assert body["choices"][0]["text"].startswith("The capital of France is")
     assert body["choices"][0]["logprobs"]["tokens"] == direct["choices"][0]["logprobs"]["tokens"]
-    assert body["usage"] == {k: direct["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert body["usage"] == {
+        k: direct["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
 
 
-def test_passthrough_forwards_the_client_s_fields(proxy: httpx.Client, gemma: httpx.Client, smol: httpx.Client) -> None:
+def test_passthrough_forwards_the_client_s_fields(
+    proxy: httpx.Client, gemma: httpx.Client, smol: httpx.Client
+) -> None:
     # logit_bias and vLLM's own fields (min_tokens, ignore_eos, top_k) reach the upstream.
     token = _ok(gemma.post("/tokenize", json={"prompt": " banana", "add_special_tokens": False}))["tokens"][0]
     body = _ok(proxy.post("/v1/completions", json={
@@ -400,7 +432,9 @@ def test_passthrough_forwards_the_client_s_fields(proxy: httpx.Client, gemma: ht
     repeating = "hello hello hello hello hello hello"
     request = {"prompt": repeating, "max_tokens": 8, "presence_penalty": 2.0, "frequency_penalty": 2.0,
                "repetition_penalty": 1.5, "stop": ["zzz"]}
-    penalised = _ok(proxy.post("/v1/completions", json={"model": "gemma-base", **request}))["choices"][0]["text"]
+    penalised = _ok(proxy.post("/v1/completions", json={"model": "gemma-base", **request}))["choices"][0][
+        "text"
+    ]
     assert penalised == _direct(gemma, GEMMA, **request)["choices"][0]["text"]
     assert penalised != _direct(gemma, GEMMA, prompt=repeating, max_tokens=8)["choices"][0]["text"]
     # A sampled answer is the one vLLM gives for the client's seed.
@@ -463,7 +497,8 @@ def test_nudging_rounds_reuse_the_base_s_prefix_cache(proxy: httpx.Client, gemma
     # Every round of a nudged answer sends the base the same prompt and the answer so far, so
     # vLLM serves all but the first request's prompt largely from its prefix cache. On the CPU
     # a cache block holds 128 tokens: a prompt of over 256 tokens reuses at least two blocks.
-    long_question = "Here is some context. " + "The sea is wide and the sky is blue. " * 40 + "Why is the sky blue?"
+    long_question = ("Here is some context. " + "The sea is wide and the sky is blue. " * 40
+                     + "Why is the sky blue?")
     before = _prefix_cache_hits(gemma)
     body = _ok(proxy.post("/v1/chat/completions", json={
         "model": "gemma-nudged", "messages": [{"role": "user", "content": long_question}], "max_tokens": 32,
@@ -471,7 +506,8 @@ def test_nudging_rounds_reuse_the_base_s_prefix_cache(proxy: httpx.Client, gemma
     hits = _prefix_cache_hits(gemma) - before
     base_requests = body["choices"][0]["nudging"]["upstream_requests"]["base"]
     assert body["usage"]["prompt_tokens"] > 256
-    TIMINGS.notes.append(f"prefix cache: {base_requests} base requests, {hits:.0f} prompt tokens from the cache")
+    TIMINGS.notes.append(f"prefix cache: {base_requests} base requests, {hits:.0f} prompt tokens "
+                         "from the cache")
     assert base_requests >= 2 and hits >= 256 * (base_requests - 1), (base_requests, hits)
 
 

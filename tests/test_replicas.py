@@ -10,15 +10,16 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from cli.stack import local_upstreams
+from nudging_core.config import ConfigError, parse_config
 from nudging_core.upstream import ReplicaHealth, ReplicaSet, UpstreamClient
 from server.app import create_app
-from server.config import ConfigError, parse_config
-from server.stack import local_upstreams
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import free_port, running
@@ -177,10 +178,10 @@ QUESTION = {"role": "user", "content": "Why do leaves change color in autumn?"}
 
 
 async def stream_chat(client: httpx.AsyncClient, proxy: str, first_piece: asyncio.Event | None = None
-                      ) -> tuple[str, list[dict[str, object]]]:
+                      ) -> tuple[str, list[dict[str, Any]]]:
     """The text of a streamed chat completion and its error events."""
     body = {"model": "nudged", "messages": [QUESTION], "stream": True, "max_tokens": 40}
-    text, errors = "", []
+    text, errors = "", list[dict[str, Any]]()
     async with client.stream("POST", proxy + "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():

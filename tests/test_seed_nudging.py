@@ -104,10 +104,18 @@ def answer_as(upstream: ScriptedUpstream, model: LoopingModel) -> None:
 
 def seed_settings(case: Case) -> dict[str, Any]:
     params = case.params
-    return {"system_prompt_base": "", "system_prompt_nudging": "", "question": "Q", "question_prompt": "",
-            "answer_start_prompt_base": "", "answer_start_prompt_nudging": "",
-            "completion_token_num": params["chunk_tokens"], "completion_token_num_nudging": params["lookahead_tokens"],
-            "top_prob_thres": params["threshold"], "max_round": params["max_rounds"]}
+    return {
+        "system_prompt_base": "",
+        "system_prompt_nudging": "",
+        "question": "Q",
+        "question_prompt": "",
+        "answer_start_prompt_base": "",
+        "answer_start_prompt_nudging": "",
+        "completion_token_num": params["chunk_tokens"],
+        "completion_token_num_nudging": params["lookahead_tokens"],
+        "top_prob_thres": params["threshold"],
+        "max_round": params["max_rounds"],
+    }
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -148,13 +156,23 @@ def test_ours_writes_the_seeds_text_on_the_simulators(
                 "top_prob_thres": 0.3}
     budget = 4000  # the looping question: the chunk guards, not the budget, end the base
     info = theirs(seed, simulator_pair, budget, **settings)
-    text, stats = asyncio.run(ours(simulator_pair, info["full_prefix_base"], info["full_prefix_nudging"], budget,
-                                   strategy=strategy, threshold=0.3))
+    text, stats = asyncio.run(
+        ours(
+            simulator_pair,
+            info["full_prefix_base"],
+            info["full_prefix_nudging"],
+            budget,
+            strategy=strategy,
+            threshold=0.3,
+        )
+    )
     assert stats.stop_reason != "length"
     assert text == info["raw_answer"]
 
 
 def test_the_seeds_prompt_layout_is_the_plain_one(seed: ModuleType) -> None:
     # For a model it has no template for, the seed writes "{system}\n{question}\n{answer start}".
-    assert seed.apply_instruct_template("aligned", "S", "Question: Q", "Answer: ") == "S\nQuestion: Q\nAnswer: "
+    assert (
+        seed.apply_instruct_template("aligned", "S", "Question: Q", "Answer: ") == "S\nQuestion: Q\nAnswer: "
+    )
     assert Path(seed.__file__ or "").name.endswith("utils.py")

@@ -41,7 +41,7 @@ def serve(tmp_path: Path, simulator: str, grace: int) -> Iterator[tuple[subproce
                           "base": {"url": simulator + "/v1", "model": "base"}}]}
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(path)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--config", str(path)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

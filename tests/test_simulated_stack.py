@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 
 from .servers import free_port, running
@@ -150,7 +150,7 @@ def test_sim_stack_command_serves_and_stops_its_upstreams(tmp_path: Path, signum
         {"name": "nudged", "base": {"url": f"http://127.0.0.1:{ports['base']}/v1", "model": "base"},
          "nudging": {"url": f"http://127.0.0.1:{ports['aligned']}/v1", "model": "aligned",
                      "chat_template": "chatml"}}]}))
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+    process = subprocess.Popen([sys.executable, "-m", "cli", "sim-stack", "--config", str(config),
                                 "--host", "127.0.0.1", "--port", str(ports["proxy"]), "--time-scale", "0"])
     proxy = f"http://127.0.0.1:{ports['proxy']}"
     try:
@@ -175,9 +175,20 @@ def test_sim_stack_refuses_a_port_already_in_use(tmp_path: Path) -> None:
     with running(create_simulator("base", time_scale=0)) as stranger:
         port = int(stranger.rsplit(":", 1)[1])
         config = tmp_path / "stack.yaml"
-        config.write_text(yaml.safe_dump({"models": [
-            {"name": "b", "method": "base_only", "base": {"url": f"http://127.0.0.1:{port}/v1", "model": "base"}}]}))
-        done = subprocess.run([sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "models": [
+                        {
+                            "name": "b",
+                            "method": "base_only",
+                            "base": {"url": f"http://127.0.0.1:{port}/v1", "model": "base"},
+                        }
+                    ]
+                }
+            )
+        )
+        done = subprocess.run([sys.executable, "-m", "cli", "sim-stack", "--config", str(config),
                                "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"port {port} already in use" in done.stderr

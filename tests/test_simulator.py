@@ -7,7 +7,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def chatml(user: str, system: str | None = None) -> str:
     return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
-TEMPLATES = {
+TEMPLATES: dict[str, Callable[[str | None, str], str]] = {
     "plain": lambda s, u: (f"{s}\n" if s else "") + f"{u}\n",
     "plain-answer": lambda s, u: (f"{s}\n" if s else "") + f"{u}\nAnswer:",
     "chatml": lambda s, u: chatml(u, s),
@@ -343,7 +343,8 @@ async def complete(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     body.setdefault("temperature", 0)
     response = await client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
-    return response.json()
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 def events(body: str) -> list[Any]:
@@ -387,7 +388,7 @@ async def test_logprobs_like_vllm(aligned: httpx.AsyncClient) -> None:
         offsets.append(offsets[-1] + len(token))
     assert logprobs["text_offset"] == offsets
     for token, value, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
-                                 logprobs["top_logprobs"]):
+                                 logprobs["top_logprobs"], strict=False):
         assert 1 <= len(top) <= 4 and top[token] == value
         assert value == max(top.values())  # greedy picks the top-1
         assert math.exp(value) <= 1
@@ -397,7 +398,7 @@ async def test_sampled_token_is_added_to_top_logprobs(aligned: httpx.AsyncClient
     body = await complete(aligned, prompt=chatml("Describe the water cycle."), max_tokens=40,
                           logprobs=1, temperature=5.0, seed=3)
     logprobs = body["choices"][0]["logprobs"]
-    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]):
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"], strict=False):
         assert token in top and len(top) in (1, 2)
     assert any(len(top) == 2 for top in logprobs["top_logprobs"])
 
@@ -514,7 +515,8 @@ async def test_split_characters_as_vllm_0_32(aligned: httpx.AsyncClient) -> None
     assert split == 2 and split_runs(logprobs) == [vllm_runs[0]] * split
     assert "".join(logprobs["tokens"]) == text
     # Two byte tokens more per split character, and EOS.
-    assert whole["usage"]["completion_tokens"] == len(logprobs["tokens"]) == len(tokenize(text)) + 2 * split + 1
+    completion_tokens = whole["usage"]["completion_tokens"]
+    assert completion_tokens == len(logprobs["tokens"]) == len(tokenize(text)) + 2 * split + 1
 
     response = await aligned.post("/v1/completions", json={
         "prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": True, "logprobs": 2})

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from server.stack import MAX_RESTARTS
+from cli.stack import MAX_RESTARTS
 
 from .servers import free_port
 
@@ -77,7 +77,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     log = tmp_path / "stack.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "sim-stack", "--config", str(config),
+            [sys.executable, "-m", "cli", "sim-stack", "--config", str(config),
              "--host", "127.0.0.1", "--port", str(proxy), "--time-scale", "0"],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     running = Stack(process, f"http://127.0.0.1:{proxy}", aligned, log)
@@ -125,8 +125,8 @@ def test_an_upstream_that_keeps_failing_stops_the_stack_with_status_1(stack: Sta
         os.kill(stack.aligned_pid(), signal.SIGKILL)
         if attempt < MAX_RESTARTS:
             restarted = f"restarting 'aligned' ({attempt + 1} of {MAX_RESTARTS})"
-            _wait(lambda: restarted in stack.output() and _ready(stack) == 200, STARTUP_SECONDS,
-                  f"restart {attempt + 1} did not serve", stack)
+            _wait(lambda text=restarted: text in stack.output() and _ready(stack) == 200,
+                  STARTUP_SECONDS, f"restart {attempt + 1} did not serve", stack)
     assert stack.process.wait(timeout=60) == 1
     output = stack.output()
     assert f"the upstream 'aligned' failed {MAX_RESTARTS + 1} times; stopping" in output

@@ -55,7 +55,9 @@ def test_split_piece_gives_a_straddling_token_to_one_side() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(alphabet="ab ", min_size=1, max_size=4), max_size=6), st.integers(0, 30), st.booleans())
+@given(
+    st.lists(st.text(alphabet="ab ", min_size=1, max_size=4), max_size=6), st.integers(0, 30), st.booleans()
+)
 def test_split_piece_keeps_text_and_counts_each_token_once(tokens: list[str], at: int, in_tail: bool) -> None:
     whole = piece(*tokens)
     at = min(at, len(whole.text))
@@ -150,7 +152,11 @@ def test_stop_strings_across_pieces(stops: list[str], pieces: list[Piece], visib
 
 def test_sources_are_kept_when_pieces_are_cut() -> None:
     out = feed_all(StopFilter(["sky"]), [piece(" Sure! The", source="nudging"), piece(" blue sky")])
-    assert [(p.text, p.source) for p in out] == [(" Sure! T", "nudging"), ("he", "nudging"), (" blue ", "base")]
+    assert [(p.text, p.source) for p in out] == [
+        (" Sure! T", "nudging"),
+        ("he", "nudging"),
+        (" blue ", "base"),
+    ]
 
 
 @settings(max_examples=300, deadline=None)

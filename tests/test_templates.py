@@ -90,7 +90,12 @@ def test_base_prompt_layouts() -> None:
 
 def test_base_prompt_multi_turn_and_several_systems() -> None:
     assert base_prompt(MULTI, default_system=None) == f"{S}\nu1\na1\nu2\n"
-    two_systems = [Message("system", "s1"), Message("user", "u"), Message("system", "s2"), Message("user", "v")]
+    two_systems = [
+        Message("system", "s1"),
+        Message("user", "u"),
+        Message("system", "s2"),
+        Message("user", "v"),
+    ]
     assert base_prompt(two_systems, default_system="D") == "s1\ns2\nu\nv\n"
 
 
@@ -176,7 +181,9 @@ def test_chatml() -> None:
 
 def test_several_system_messages_fold_joined() -> None:
     messages = [Message("system", "s1"), Message("system", "s2"), Message("user", "u")]
-    assert render("gemma-it", messages) == "<start_of_turn>user\ns1\ns2\nu<end_of_turn>\n<start_of_turn>model\n"
+    assert (
+        render("gemma-it", messages) == "<start_of_turn>user\ns1\ns2\nu<end_of_turn>\n<start_of_turn>model\n"
+    )
 
 
 @pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
@@ -259,9 +266,12 @@ def test_jinja_raise_exception() -> None:
 
 def test_jinja_tojson_and_loopcontrols() -> None:
     template = JinjaChatTemplate(
-        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m | tojson }}{% endfor %}"
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{{ m | tojson }}{% endfor %}"
     )
-    assert template.render([Message("system", "s"), Message("user", "é")]) == '{"role": "user", "content": "é"}'
+    assert (
+        template.render([Message("system", "s"), Message("user", "é")]) == '{"role": "user", "content": "é"}'
+    )
 
 
 @pytest.mark.parametrize(

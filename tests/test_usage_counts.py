@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
-from server.config import parse_config
 from upstreams.simulator.app import create_app as create_simulator
 
 from .corpus_prompts import CORPUS
@@ -30,8 +30,11 @@ MODELS = ("fast", "paper", "fast-cleanup", "base_only", "nudging_only", "proxy_t
 @pytest.fixture(scope="module")
 def proxy() -> Iterator[str]:
     with ExitStack() as stack:
-        urls = {profile: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100))) + "/v1"
-                for profile in ("base", "aligned", "aligned-base")}
+        urls = {
+            profile: stack.enter_context(running(create_simulator(profile, time_scale=0, max_logprobs=100)))
+            + "/v1"
+            for profile in ("base", "aligned", "aligned-base")
+        }
         base = {"url": urls["base"], "model": "base"}
         aligned = {"url": urls["aligned"], "model": "aligned", "chat_template": "chatml"}
         config = parse_config({"models": [

@@ -43,7 +43,9 @@ def recorded(name: str) -> tuple[str, int]:
 
 def replay(name: str, *, stream: bool = False) -> Response:
     body, status = recorded(name)
-    return Response(body, status_code=status, media_type="text/event-stream" if stream else "application/json")
+    return Response(
+        body, status_code=status, media_type="text/event-stream" if stream else "application/json"
+    )
 
 
 RENDERED = json.loads(recorded("detokenize_messages_with_template.json")[0])["prompt"]
@@ -180,11 +182,19 @@ async def test_a_full_context_is_told_from_a_prompt_too_long() -> None:
                   methods=["POST"]),
         ])
 
-    too_long = json.dumps({"error": {
-        "message": "This model's maximum context length is 2048 tokens. However, your prompt contains at least "
-                   "2049 input tokens, which exceeds this limit even without any output tokens. Please reduce "
-                   "the length of the input prompt. (parameter=input_tokens, value=2049)",
-        "type": "BadRequestError", "param": "input_tokens", "code": 400}})
+    too_long = json.dumps(
+        {
+            "error": {
+                "message": "This model's maximum context length is 2048 tokens. "
+                "However, your prompt contains at least "
+                "2049 input tokens, which exceeds this limit even without any output tokens. Please reduce "
+                "the length of the input prompt. (parameter=input_tokens, value=2049)",
+                "type": "BadRequestError",
+                "param": "input_tokens",
+                "code": 400,
+            }
+        }
+    )
     for body, error in ((full, ContextFull), (too_long, ContextOverflow)):
         with running(app(body)) as url:
             client = UpstreamClient(url + "/v1", "gemma3-270m", role="base")

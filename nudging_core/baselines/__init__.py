@@ -3,10 +3,10 @@
 Both compare token strings across models, so their models must share one tokenizer.
 """
 
-from .choice import ensemble_choice, proxy_tuning_choice
-from .generate import ROLES, TOP_K, BaselineContext, TokenizerMismatch, generate_baseline
 from nudging_core.types import BaselineEnd, BaselineRule
 
+from .choice import ensemble_choice, proxy_tuning_choice
+from .generate import BaselineContext, TokenizerMismatch, generate_baseline
 from .rounds import (
     BaselineMethod,
     Chosen,
@@ -16,8 +16,6 @@ from .rounds import (
 )
 
 __all__ = [
-    "ROLES",
-    "TOP_K",
     "BaselineContext",
     "BaselineEnd",
     "BaselineMethod",

@@ -3,14 +3,14 @@ the budget is used up, as in the paper's code (`rounds.py` says how a round deci
 
 Each round asks every model for `chunk_tokens` greedy tokens with top-k logprobs from its
 own prompt plus the output so far (the chat expert its chat prompt, the base models the
-plain one), as the paper's code does; the paper used top-100 for proxy tuning (vLLM then
-needs `--max-logprobs 100`) and top-5 for the ensemble.
+plain one), as the paper's code does; the roles and the top-k are the method's row in
+`nudging_core.methods.METHODS`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +21,6 @@ from nudging_core.upstream import UpstreamError
 
 from .rounds import BaselineMethod, RoundDecision, ensemble_round, proxy_tuning_round
 
-ROLES: dict[BaselineMethod, tuple[Role, ...]] = {
-    "ensemble": ("base", "nudging"),
-    "proxy_tuning": ("base", "nudging", "nudging_base"),
-}
-TOP_K: dict[BaselineMethod, int] = {"ensemble": 5, "proxy_tuning": 100}
 SHARED_TOKENIZER = "compares token strings, so its models must share one tokenizer"
 
 
@@ -36,7 +31,9 @@ class TokenizerMismatch(UpstreamError):
 @dataclass(slots=True)
 class BaselineContext:
     method: BaselineMethod
-    callers: dict[Role, RoleCaller]
+    roles: tuple[Role, ...]  # the models it asks each round (nudging_core.methods.METHODS)
+    top_k: int
+    callers: Mapping[Role, RoleCaller]
     base_prompt: str
     nudging_prompt: str
     chunk_tokens: int
@@ -62,7 +59,7 @@ async def _all_or_none(calls: list[Coroutine[Any, Any, Completion]]) -> list[Com
 async def check_shared_tokenizer(context: BaselineContext) -> None:
     """Raise TokenizerMismatch when the upstreams count the base prompt differently (only
     upstreams that offer a tokenizer endpoint are compared)."""
-    roles = ROLES[context.method]
+    roles = context.roles
     prompt = context.base_prompt
     counts = await asyncio.gather(*(context.callers[r].client.count_tokens(prompt) for r in roles))
     known = {role: count for role, count in zip(roles, counts, strict=True) if count is not None}
@@ -75,11 +72,11 @@ async def check_shared_tokenizer(context: BaselineContext) -> None:
 
 
 async def _round(context: BaselineContext) -> RoundDecision:
-    roles = ROLES[context.method]
+    roles = context.roles
     max_tokens = min(context.chunk_tokens, context.budget.remaining)
     completions = await _all_or_none([
         context.callers[role].complete(
-            context.prompt(role), max_tokens, round_index=context.stats.rounds, logprobs=TOP_K[context.method]
+            context.prompt(role), max_tokens, round_index=context.stats.rounds, logprobs=context.top_k
         )
         for role in roles
     ])

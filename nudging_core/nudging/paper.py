@@ -46,7 +46,9 @@ class PaperRound:
     async def _next_chunk(self) -> Completion:
         context = self._context
         return await context.base.complete(
-            context.base_prompt + context.output, context.params.chunk_tokens, round_index=context.stats.rounds
+            context.base_prompt + context.output,
+            context.params.chunk_tokens,
+            round_index=context.stats.rounds,
         )
 
 

@@ -5,10 +5,15 @@ from .client import CompletionStream, Timeouts, UpstreamClient
 from .dialects import DIALECT_NAMES
 from .errors import ContextFull, ContextOverflow, NoChatTemplate, UpstreamError, UpstreamTimeout
 from .health import ReplicaHealth
+from .memory import MemoryUpstream
+from .protocol import Upstream, UpstreamStream
 from .replicas import ReplicaSet
 
 __all__ = [
     "DIALECT_NAMES",
+    "MemoryUpstream",
+    "Upstream",
+    "UpstreamStream",
     "CompletionCall",
     "CompletionStream",
     "ContextFull",

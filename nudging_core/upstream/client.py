@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from nudging_core.types import Completion, Token
+from nudging_core.types import Completion
 
 from .call import CompletionCall
 from .dialects import DIALECTS, Dialect, Parser, Reply, Request, detect
@@ -33,6 +33,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .health import ReplicaHealth
+from .protocol import StreamProgress
 
 T = TypeVar("T")
 
@@ -274,6 +275,41 @@ class UpstreamClient:
         """A streamed completion; `slot_taken` is set once it holds one of the in-flight slots."""
         return CompletionStream(self, call, slot_taken)
 
+    async def open_stream(
+        self, call: CompletionCall, slot_taken: asyncio.Event | None = None
+    ) -> tuple[httpx.Response, Parser]:
+        """Send a streamed completion and return once its headers arrived, with the parser of
+        its events. It holds one in-flight slot until `close_stream`; an error status raises
+        (and gives the slot back)."""
+        dialect = await self.dialect()
+        parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=True)
+        wire = dialect.completion(call, self.model, stream=True)
+        await self._slots.acquire()
+        if slot_taken is not None:
+            slot_taken.set()
+        try:
+            response = await self._send(wire)
+        except BaseException:
+            self._slots.release()
+            raise
+        if response.status_code >= 400:
+            try:
+                body = (await asyncio.shield(self._in_background(self._read(response)))).decode(
+                    "utf-8", "replace")
+            except UpstreamError:
+                body = ""  # the status says enough
+            finally:
+                await self.close_stream(response)  # also when cancelled: the slot and the connection go back
+            _raise_for_status(self.role, response.status_code, body)
+        return response, parse
+
+    async def close_stream(self, response: httpx.Response) -> None:
+        """Close a stream `open_stream` opened and give its slot back."""
+        try:
+            await self._close_response(response)
+        finally:
+            self._slots.release()
+
     async def count_tokens(self, prompt: str) -> int | None:
         """Prompt size by the upstream's own tokenizer, if it offers one."""
         try:
@@ -302,7 +338,7 @@ class UpstreamClient:
         return response.status_code == 200
 
 
-class CompletionStream:
+class CompletionStream(StreamProgress):
     """A streamed completion: iterate tokens; leaving the `async with` closes the request."""
 
     def __init__(
@@ -311,63 +347,20 @@ class CompletionStream:
         self._client = client
         self._call = call
         self._slot_taken = slot_taken
+        super().__init__()
         self._response: httpx.Response | None = None
         self._parse: Parser | None = None
-        self._slot_held = False
-        self.finish_reason: str | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.completed = False
 
     async def __aenter__(self) -> CompletionStream:
-        client = self._client
-        dialect = await client.dialect()
-        self._parse = dialect.parser(client.role, need_logprobs=self._call.logprobs is not None, stream=True)
-        wire = dialect.completion(self._call, client.model, stream=True)
-        await client._slots.acquire()
-        self._slot_held = True
-        if self._slot_taken is not None:
-            self._slot_taken.set()
-        try:
-            self._response = await client._send(wire)
-        except BaseException:
-            self._release()
-            raise
-        if self._response.status_code >= 400:
-            try:
-                body = (await asyncio.shield(client._in_background(client._read(self._response)))).decode(
-                    "utf-8", "replace")
-            except UpstreamError:
-                body = ""  # the status says enough
-            finally:
-                await self._close()  # also when cancelled: the slot and the connection go back
-            _raise_for_status(client.role, self._response.status_code, body)
+        self._response, self._parse = await self._client.open_stream(self._call, self._slot_taken)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._close()
-
-    def _release(self) -> None:
-        if self._slot_held:
-            self._slot_held = False
-            self._client._slots.release()
-
-    async def _close(self) -> None:
-        try:
-            if self._response is not None:
-                await self._client._close_response(self._response)
-        finally:
-            self._release()
-
-    def __aiter__(self) -> AsyncGenerator[Token, None]:
-        return self._tokens()
-
-    async def _tokens(self) -> AsyncGenerator[Token, None]:
-        async for reply in self.replies():
-            for token in reply.tokens:
-                yield token
+        response, self._response = self._response, None
+        if response is not None:
+            await self._client.close_stream(response)
 
     async def replies(self) -> AsyncGenerator[Reply, None]:
         """The stream's events, parsed (iterating the stream itself gives their tokens)."""
@@ -388,15 +381,11 @@ class CompletionStream:
                     _raise_stream_error(role, data, payload)
                 reply = self._parse(payload)
                 yield reply
-                self.finish_reason = reply.finish_reason or self.finish_reason
-                self.prompt_tokens = reply.prompt_tokens or self.prompt_tokens
-                self.completion_tokens = reply.completion_tokens or self.completion_tokens
+                self.note(reply)
                 if reply.last:
                     break
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(role, "timed out mid-stream") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnreachable(role, f"stream interrupted ({type(exc).__name__})") from exc
-        if self.finish_reason is None:
-            raise UpstreamError(role, "stream ended without a finish reason")
-        self.completed = True
+        self.end(role)

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from ..config import Config, ModelConfig, ServerConfig, UpstreamConfig
+from nudging_core.config import Config, ModelConfig, ServerConfig, UpstreamConfig
 
 PREFIX = "/playground"
 STATIC = Path(__file__).parent / "static"

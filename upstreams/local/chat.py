@@ -2,42 +2,23 @@
 
 The proxy's ``auto`` template mode asks the upstream to render chat messages (vLLM's
 ``/tokenize`` with ``messages``, then ``/detokenize``). Here the template is the GGUF's
-``tokenizer.chat_template`` metadata, run in jinja2's immutable sandbox (it is data shipped
-with a model file, so it must not reach Python internals) with HF's conventions: trimmed
-blocks, ``raise_exception``, a ``tojson`` that does not HTML-escape, and the model's BOS/EOS
-token strings.
+``tokenizer.chat_template`` metadata, run in the proxy's own HF-style environment
+(``nudging_core.templates.hf_jinja_environment``: jinja2's immutable sandbox, trimmed blocks,
+``raise_exception``, a ``tojson`` that does not HTML-escape) with the model's BOS/EOS token
+strings.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from nudging_core.templates import hf_jinja_environment
 
 from ..openai_api import ApiError
 
 TEXT_PART_SEPARATOR = "\n"  # vLLM joins text parts this way for string-content templates
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value: Any, indent: int | None = None) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
 
 
 def _message(raw: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +45,7 @@ def _message(raw: dict[str, Any]) -> dict[str, Any]:
 class ChatTemplate:
     def __init__(self, source: str, *, bos_token: str, eos_token: str) -> None:
         try:
-            self._template = _environment().from_string(source)
+            self._template = hf_jinja_environment().from_string(source)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(f"the model's chat template does not parse: {error}") from error
         self.bos_token = bos_token

@@ -59,7 +59,7 @@ def uses_amx(system_info: str) -> bool:
 
 
 def _model_params() -> llama_cpp.llama_model_params:
-    params = llama_cpp.llama_model_default_params()
+    params: llama_cpp.llama_model_params = llama_cpp.llama_model_default_params()
     # A native build on a CPU with AMX repacks quantised weights into AMX buffers, and its
     # AMX matrix kernels crashed (SIGSEGV) in batched prompt evaluation of SmolLM2's Q4_1
     # weights on a Xeon with AMX; they are also known to compute wrong results for Q4_0 and

@@ -35,7 +35,9 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from server.errors import invalid_request, validation_error
+from nudging_core.config import LookaheadTokens, Threshold
+from nudging_core.errors import invalid_request, validation_error
+from nudging_core.nudging import Strategy
 
 _LONG_MIN: Final = -(2**63)
 _LONG_MAX: Final = 2**63 - 1
@@ -77,9 +79,9 @@ class NudgingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    threshold: float | None = Field(default=None, gt=0, le=1)
-    lookahead_tokens: int | None = Field(default=None, ge=1, le=256)
-    strategy: Literal["paper", "fast"] | None = None
+    threshold: Threshold | None = None
+    lookahead_tokens: LookaheadTokens | None = None
+    strategy: Strategy | None = None
     nudging_prompt: str | None = None
     cleanup: bool | None = None
     return_provenance: bool | None = None
@@ -126,6 +128,14 @@ class _SamplingRequest(OpenAIRequestModel):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def requested_max_tokens(self) -> int | None:
+        """The budget the client asked for; None: the model's configured default."""
+        return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        """The field that gave `requested_max_tokens`, for an error naming it."""
+        return "max_tokens"
 
 
 class CompletionRequest(_SamplingRequest):
@@ -224,15 +234,8 @@ class ChatCompletionRequest(_SamplingRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def message_dicts(self) -> list[dict[str, Any]]:
-        """Copies of the messages as plain dicts."""
-        return [dict(m) for m in self.messages]
-
-
-UNSUPPORTED_FOR_NUDGING: Final[Mapping[str, tuple[str, ...]]] = {
-    "completions": CompletionRequest.UNSUPPORTED_FOR_NUDGING,
-    "chat.completions": ChatCompletionRequest.UNSUPPORTED_FOR_NUDGING,
-}
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
 
 def _generic_noop(value: Any) -> bool:
@@ -448,7 +451,6 @@ __all__ = [
     "NudgingReport",
     "Span",
     "StreamOptions",
-    "UNSUPPORTED_FOR_NUDGING",
     "UsageInfo",
     "new_chat_completion_id",
     "new_completion_id",

@@ -26,14 +26,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from nudging_core.baselines import TOP_K
+from nudging_core.config import Config, ConfigError, UpstreamConfig
+from nudging_core.methods import MAX_TOP_K
 from upstreams.exits import describe_exit
-
-from .config import Config, ConfigError, UpstreamConfig
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 SIMULATOR_PROFILES = frozenset({"base", "aligned", "aligned-base"})
-CLI = [sys.executable, "-m", "server.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 MAX_RESTARTS = 3  # per upstream, while the proxy serves
 LOG_TAIL_LINES = 20  # of an upstream's output, shown when it exits
@@ -81,7 +80,7 @@ def simulator_launcher(time_scale: float) -> Launcher:
             )
         # Proxy tuning asks for the paper's top-100 logprobs, beyond vLLM's default of 20.
         return [*CLI, "simulate", "--host", "127.0.0.1", "--port", str(port), "--profile", upstream.model,
-                "--time-scale", str(time_scale), "--max-logprobs", str(max(TOP_K.values()))]
+                "--time-scale", str(time_scale), "--max-logprobs", str(MAX_TOP_K)]
 
     return launch
 

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nudging_core.methods import METHODS, Method
+from nudging_core.nudging import NudgingParams, Strategy
 from nudging_core.templates import AUTO_TEMPLATE, BUILTIN_TEMPLATES, JINJA_SUFFIXES
 from nudging_core.upstream import DIALECT_NAMES, Timeouts
 
-Method = Literal["nudging", "base_only", "nudging_only", "proxy_tuning", "ensemble"]
-ROLES_NEEDED: dict[str, tuple[str, ...]] = {
-    "nudging": ("base", "nudging"),
-    "base_only": ("base",),
-    "nudging_only": ("nudging",),
-    # The baselines compare token strings: their upstreams must share one tokenizer.
-    "proxy_tuning": ("base", "nudging", "nudging_base"),
-    "ensemble": ("base", "nudging"),
-}
-# Methods that write with both models and so render the nudger's chat prompt themselves.
-COMBINED_METHODS = frozenset({"nudging", "proxy_tuning", "ensemble"})
+# One place for the nudging settings' defaults (the core's own) and bounds (a model's config
+# and a request's `nudging` extension share them).
+_NUDGING = NudgingParams()
+_TIMEOUTS = Timeouts()
+Threshold = Annotated[float, Field(gt=0, le=1)]
+LookaheadTokens = Annotated[int, Field(ge=1, le=256)]
 
 
 def _check_http_url(url: str) -> None:
@@ -39,11 +36,13 @@ class Strict(BaseModel):
 
 
 class TimeoutsConfig(Strict):
-    connect: float = Field(5.0, gt=0)
-    read: float = Field(60.0, gt=0, description="also the longest wait between two stream events")
-    first_byte: float = Field(60.0, gt=0, description="from sending a request until its response headers")
-    write: float = Field(10.0, gt=0)
-    pool: float = Field(60.0, gt=0)
+    connect: float = Field(_TIMEOUTS.connect, gt=0)
+    read: float = Field(_TIMEOUTS.read, gt=0, description="also the longest wait between two stream events")
+    first_byte: float = Field(
+        _TIMEOUTS.first_byte, gt=0, description="from sending a request until its response headers"
+    )
+    write: float = Field(_TIMEOUTS.write, gt=0)
+    pool: float = Field(_TIMEOUTS.pool, gt=0)
 
     def to_timeouts(self) -> Timeouts:
         return Timeouts(connect=self.connect, read=self.read, first_byte=self.first_byte, write=self.write,
@@ -130,15 +129,16 @@ class ModelConfig(Strict):
     nudging_base: UpstreamConfig | None = Field(
         None, description="proxy_tuning only: the nudging model's own base model (same tokenizer)"
     )
-    threshold: float = Field(0.4, gt=0, le=1)
-    lookahead_tokens: int = Field(16, ge=1, le=256)
-    chunk_tokens: int = Field(16, ge=1, le=256)
+    threshold: Threshold = _NUDGING.threshold
+    lookahead_tokens: LookaheadTokens = _NUDGING.lookahead_tokens
+    chunk_tokens: int = Field(_NUDGING.chunk_tokens, ge=1, le=256)
     probe_window: int = Field(
-        4, ge=1, le=256, description="fast: how many base probes of one round are open at once"
+        _NUDGING.probe_window, ge=1, le=256,
+        description="fast: how many base probes of one round are open at once",
     )
-    max_rounds: int = Field(150, ge=1)
-    strategy: Literal["paper", "fast"] = "fast"
-    cleanup: bool = False
+    max_rounds: int = Field(_NUDGING.max_rounds, ge=1)
+    strategy: Strategy = _NUDGING.strategy
+    cleanup: bool = _NUDGING.cleanup
     answer_start: str = ""
     default_system_prompt: str | None = None
     default_max_tokens: int = Field(512, ge=1)
@@ -159,11 +159,12 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _roles_present(self) -> ModelConfig:
-        for role in ROLES_NEEDED[self.method]:
+        method = METHODS[self.method]
+        for role in method.roles:
             if getattr(self, role) is None:
                 raise ValueError(f"method {self.method!r} needs the {role!r} upstream")
         nudger = self.nudging
-        if self.method in COMBINED_METHODS and nudger is not None and nudger.chat_template is None:
+        if method.combined and nudger is not None and nudger.chat_template is None:
             raise ValueError("the nudging upstream needs a chat_template")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens exceeds max_tokens_limit")

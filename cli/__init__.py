@@ -1,4 +1,7 @@
-"""`nudging-proxy`: serve the proxy, run a simulated upstream or the simulator stack, or evaluate."""
+"""`nudging-proxy`: serve the proxy, run a simulated upstream or the simulator stack, or evaluate.
+
+The umbrella command: the one package that imports the server, the eval and the upstreams
+(each of which imports only `nudging_core`, and the eval also the server's app)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,13 @@ import uvicorn
 from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
+from cli.stack import Launcher, local_launcher, run_stack, simulator_launcher
+from nudging_core.config import Config, ConfigError, load_config
 from nudging_eval import cli as evaluation
+from server.app import create_app
+from server.logs import configure_logging, secrets_of
 from upstreams.local import cli as local_upstream
 from upstreams.simulator import app as simulator
-
-from .app import create_app
-from .config import Config, ConfigError, load_config
-from .logs import configure_logging, secrets_of
-from .stack import Launcher, local_launcher, run_stack, simulator_launcher
 
 
 def _load(path: str) -> Config:
@@ -123,7 +125,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         _run_stack(_load(args.config), local_launcher(args.threads), args, startup_timeout=300)
     elif args.command == "sim-stack":
         _run_stack(_load(args.config), simulator_launcher(args.time_scale), args, startup_timeout=60)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,135 @@
+"""From a parsed request to the plans of its choices: every check first, then the prompts.
+
+`plan` raises each 400 a request deserves (input limits, fields the model's method cannot
+honour, the `max_tokens` cap, bad messages) before it makes any upstream request; only then
+is the nudger's prompt rendered, which with `chat_template: auto` asks the upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nudging_core.config import LimitsConfig
+from nudging_core.errors import invalid_request
+from nudging_core.generation import GenerationRequest
+from nudging_core.methods import METHODS
+from nudging_core.nudging import NudgingParams
+from nudging_core.protocol import ChatCompletionRequest, CompletionRequest, unsupported_fields
+from nudging_core.registry import ServedModel
+from nudging_core.types import SamplingParams
+
+from .limits import check_limits
+from .prompts import PromptPlan, check_chat, check_completion, render
+
+AnyRequest = CompletionRequest | ChatCompletionRequest
+# Fields the proxy itself interprets; everything else a passthrough method forwards.
+OWN_FIELDS = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+     "stop", "stream", "stream_options", "seed", "user", "nudging"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChoicePlan:
+    """One choice of a request, ready to run: the model that serves it and its generation."""
+
+    served: ServedModel
+    request: GenerationRequest
+
+    @property
+    def index(self) -> int:
+        return self.request.choice_index
+
+
+def _max_tokens(served: ServedModel, request: AnyRequest) -> int:
+    requested = request.requested_max_tokens()
+    if requested is None:
+        return served.config.default_max_tokens
+    limit = served.config.max_tokens_limit
+    if requested > limit:
+        field_name = request.max_tokens_param()
+        raise invalid_request(f"{field_name} must be at most {limit} for this model", field_name)
+    return requested
+
+
+def _nudging_params(served: ServedModel, request: AnyRequest) -> NudgingParams:
+    config = served.config
+    options = request.nudging
+    return NudgingParams(
+        threshold=options.threshold if options and options.threshold is not None else config.threshold,
+        lookahead_tokens=(
+            options.lookahead_tokens if options and options.lookahead_tokens is not None
+            else config.lookahead_tokens
+        ),
+        chunk_tokens=config.chunk_tokens,
+        probe_window=config.probe_window,
+        max_rounds=config.max_rounds,
+        strategy=options.strategy if options and options.strategy is not None else config.strategy,
+        cleanup=options.cleanup if options and options.cleanup is not None else config.cleanup,
+    )
+
+
+def _passthrough_fields(request: AnyRequest) -> dict[str, Any]:
+    dumped = request.model_dump(exclude_unset=True, exclude_none=True)
+    fields = {key: value for key, value in dumped.items() if key not in OWN_FIELDS}
+    if isinstance(request, ChatCompletionRequest):
+        # The upstream writes the chat as a completion: chat's `logprobs: true` with
+        # `top_logprobs: k` is the completions API's `logprobs: k`.
+        fields.pop("top_logprobs", None)
+        fields.pop("logprobs", None)
+        if request.logprobs:
+            fields["logprobs"] = request.top_logprobs or 0
+    return fields
+
+
+def _wants_logprobs(request: AnyRequest) -> bool:
+    if isinstance(request, ChatCompletionRequest):
+        return request.logprobs
+    return request.logprobs is not None
+
+
+def check(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> tuple[PromptPlan, int]:
+    """Every 400 `request` deserves, raised without I/O; else its prompt plan and budget."""
+    check_limits(request, limits)
+    method = served.config.method
+    if METHODS[method].combined:
+        unsupported = unsupported_fields(request)
+        if unsupported:
+            raise invalid_request(
+                f"{unsupported[0]} is not supported for models of method {method!r}", unsupported[0]
+            )
+    max_tokens = _max_tokens(served, request)
+    if isinstance(request, ChatCompletionRequest):
+        return check_chat(served, request), max_tokens
+    return check_completion(served, request), max_tokens
+
+
+async def plan(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> list[ChoicePlan]:
+    """The plans of `request`'s choices; raises `APIError` (a 400 before any upstream request)."""
+    prompt_plan, max_tokens = check(request, served, limits)
+    prompts = await render(served, prompt_plan)
+    config = served.config
+    combined = METHODS[config.method].combined
+    sampling = SamplingParams(
+        temperature=request.temperature if request.temperature is not None else config.temperature,
+        top_p=request.top_p if request.top_p is not None else config.top_p,
+        seed=request.seed,
+    )
+    params = _nudging_params(served, request)
+    passthrough_fields = {} if combined else _passthrough_fields(request)
+    return [
+        ChoicePlan(served, GenerationRequest(
+            method=config.method,
+            max_tokens=max_tokens,
+            base_prompt=prompts.base,
+            nudging_prompt=prompts.nudging,
+            stop=tuple(request.stop_list()),
+            sampling=sampling,
+            params=params,
+            choice_index=index,
+            passthrough_fields=passthrough_fields,
+            return_logprobs=not combined and _wants_logprobs(request),
+        ))
+        for index in range(request.n)
+    ]
