@@ -346,6 +346,13 @@ class NudgingReport(_ResponseModel):
     fallback_reason: str | None = None
 
 
+class NudgingChunkSource(_ResponseModel):
+    """The `nudging` extension of a streamed text chunk, when the request asks for provenance:
+    which model wrote the chunk's text (each chunk is text of one model)."""
+
+    source: Literal["base", "nudging"]
+
+
 class _Choice(_ResponseModel):
     omit_if_none: ClassVar[frozenset[str]] = frozenset({"nudging"})
 
@@ -353,7 +360,8 @@ class _Choice(_ResponseModel):
     # Passthrough models only: the upstream's logprobs (completions or chat shape).
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
-    nudging: NudgingReport | None = None
+    # The report on a whole answer and on a stream's last chunk; the source on its text chunks.
+    nudging: NudgingReport | NudgingChunkSource | None = None
 
 
 class CompletionChoice(_Choice):

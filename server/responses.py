@@ -19,6 +19,7 @@ from nudging_core.protocol import (
     CompletionStreamChoice,
     CompletionStreamResponse,
     DeltaMessage,
+    NudgingChunkSource,
     NudgingReport,
     Span,
     UsageInfo,
@@ -115,7 +116,7 @@ class Shape(ABC):
     @abstractmethod
     def chunk(
         self, index: int, text: str | None, *, finish_reason: str | None = None,
-        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+        report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]: ...
 
     @abstractmethod
@@ -127,8 +128,10 @@ class Shape(ABC):
         return self._stream_body([], usage=usage_info(usage))
 
     def text_chunk(self, index: int, piece: Piece) -> dict[str, Any]:
-        """The chunk of one piece of text (with its upstream logprobs, if returned)."""
-        return self.chunk(index, piece.text, logprobs=self.logprobs([piece]))
+        """The chunk of one piece of text (with its upstream logprobs, if returned, and the
+        model that wrote it, if provenance was asked for)."""
+        source = NudgingChunkSource(source=piece.source) if self.with_provenance else None
+        return self.chunk(index, piece.text, report=source, logprobs=self.logprobs([piece]))
 
     def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
         finish_reason = run.generation.finish_reason
@@ -170,13 +173,13 @@ class ChatShape(Shape):
 
     def chunk(
         self, index: int, text: str | None, *, finish_reason: str | None = None,
-        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+        report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         return self._chunk(index, text, finish_reason=finish_reason, report=report, logprobs=logprobs)
 
     def _chunk(
         self, index: int, text: str | None, *, role: bool = False, finish_reason: str | None = None,
-        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+        report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         delta = DeltaMessage(role="assistant" if role else None, content=text)
         choice = ChatCompletionStreamChoice(
@@ -214,7 +217,7 @@ class TextShape(Shape):
 
     def chunk(
         self, index: int, text: str | None, *, finish_reason: str | None = None,
-        report: NudgingReport | None = None, logprobs: dict[str, Any] | None = None,
+        report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         choice = CompletionStreamChoice(
             index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs

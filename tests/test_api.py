@@ -79,6 +79,31 @@ def test_stream_matches_non_stream(proxy: str, endpoint: str) -> None:
         assert text == whole["choices"][0]["text"]
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_streamed_chunks_name_the_model_that_wrote_them(proxy: str, endpoint: str) -> None:
+    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT,
+                                                   "nudging": {"nudging_prompt": NUDGER_PROMPT}}
+    body["nudging"] = {**body.get("nudging", {}), "return_provenance": True}
+    with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True}) as response:
+        chunks = [event for event in sse_events(response) if event != "[DONE]"]
+    *texts, last = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
+    written = [(c["delta"].get("content", "") if "delta" in c else c["text"], c["nudging"]) for c in texts
+               if (c["delta"].get("content") if "delta" in c else c["text"])]
+    assert written and all(set(source) == {"source"} for _, source in written)
+    merged: list[dict[str, str]] = []
+    for text, source in written:
+        if merged and merged[-1]["source"] == source["source"]:
+            merged[-1]["text"] += text
+        else:
+            merged.append({"text": text, "source": source["source"]})
+    assert merged == last["nudging"]["spans"]
+    # Without provenance asked for, text chunks carry no extension.
+    with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True, "nudging": {
+            k: v for k, v in body["nudging"].items() if k != "return_provenance"}}) as response:
+        plain = [event for event in sse_events(response) if event != "[DONE]"]
+    assert not any("nudging" in chunk["choices"][0] for chunk in plain if chunk["choices"])
+
+
 def test_no_usage_chunk_unless_asked(proxy: str) -> None:
     with httpx.stream("POST", proxy + "/v1/chat/completions", json=chat_body(stream=True)) as response:
         events = sse_events(response)

@@ -236,13 +236,15 @@
       if (chunk.usage) this.usage = chunk.usage;
       for (const choice of chunk.choices || []) {
         const text = choice.delta ? choice.delta.content : choice.text;
-        if (text) this.addText(text, choice.logprobs);
+        // A text chunk's `nudging` names the model that wrote it; the last chunk's is the report.
+        const source = choice.nudging && choice.nudging.source;
+        if (text) this.addText(text, choice.logprobs, source);
         if (choice.finish_reason) this.finishReason = choice.finish_reason;
-        if (choice.nudging) this.report = choice.nudging;
+        if (choice.nudging && !source) this.report = choice.nudging;
       }
     }
 
-    addText(text, logprobs) {
+    addText(text, logprobs, source) {
       const output = this.pane.output;
       const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 24;
       if (this.firstToken === null) {
@@ -256,6 +258,13 @@
         for (const token of tokens) element.append(this.tokenElement(token));
       } else {
         element.textContent = text;
+      }
+      if (source) {
+        // Marked as it streams; the report's spans redraw it, to the same marks, at the end.
+        if (source === "nudging") this.liveRounds = (this.liveRounds || 0) + 1;
+        element.dataset.source = source;
+        element.dataset.tip = `${source === "nudging" ? "aligned" : "base"} model · round `
+          + `${Math.max(this.liveRounds || 0, 1)}`;
       }
       this.chunks.push(text);
       this.elements.push(element);
