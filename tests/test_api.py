@@ -81,9 +81,9 @@ def test_stream_matches_non_stream(proxy: str, endpoint: str) -> None:
 
 @pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
 def test_streamed_chunks_name_the_model_that_wrote_them(proxy: str, endpoint: str) -> None:
-    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT,
-                                                   "nudging": {"nudging_prompt": NUDGER_PROMPT}}
-    body["nudging"] = {**body.get("nudging", {}), "return_provenance": True}
+    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT}
+    options: dict[str, Any] = {} if "chat" in endpoint else {"nudging_prompt": NUDGER_PROMPT}
+    body["nudging"] = {**options, "return_provenance": True}
     with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True}) as response:
         chunks = [event for event in sse_events(response) if event != "[DONE]"]
     *texts, last = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
@@ -98,8 +98,8 @@ def test_streamed_chunks_name_the_model_that_wrote_them(proxy: str, endpoint: st
             merged.append({"text": text, "source": source["source"]})
     assert merged == last["nudging"]["spans"]
     # Without provenance asked for, text chunks carry no extension.
-    with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True, "nudging": {
-            k: v for k, v in body["nudging"].items() if k != "return_provenance"}}) as response:
+    plain_body = {**body, "stream": True, "nudging": options}
+    with httpx.stream("POST", proxy + endpoint, json=plain_body) as response:
         plain = [event for event in sse_events(response) if event != "[DONE]"]
     assert not any("nudging" in chunk["choices"][0] for chunk in plain if chunk["choices"])
 
