@@ -81,7 +81,7 @@ def test_stream_matches_non_stream(proxy: str, endpoint: str) -> None:
 
 @pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
 def test_streamed_chunks_name_the_model_that_wrote_them(proxy: str, endpoint: str) -> None:
-    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT}
+    body: dict[str, Any] = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT}
     options: dict[str, Any] = {} if "chat" in endpoint else {"nudging_prompt": NUDGER_PROMPT}
     body["nudging"] = {**options, "return_provenance": True}
     with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True}) as response:
