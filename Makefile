@@ -18,7 +18,12 @@ SOURCES = cli nudging_core nudging_eval server upstreams tests benchmarks script
 # The suites that need llama.cpp and its models, or two real vLLM servers (pytest markers).
 SLOW_SUITES = real_model or vllm or browser
 
-$(BIN)/nudging-proxy: pyproject.toml
+# Stamp files, not the console script: both installs create bin/nudging-proxy, so it cannot
+# tell whether the demo extra (llama.cpp) is in.
+DEMO = $(VENV)/.demo
+DEV = $(VENV)/.dev
+
+$(DEMO): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir '$(LLAMA_REQUIREMENT)'
@@ -26,31 +31,31 @@ $(BIN)/nudging-proxy: pyproject.toml
 	touch $@
 
 # The tests and checks without the demo extra (no llama.cpp to build).
-$(VENV)/.dev: pyproject.toml
+$(DEV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,eval]'
 	touch $@
 
 .PHONY: run sim test test-all check bench vllm-cpu vllm-cpu-stop
-run: $(BIN)/nudging-proxy
+run: $(DEMO)
 	$(BIN)/nudging-proxy demo --config configs/demo.yaml
 
-sim: $(BIN)/nudging-proxy
+sim: $(DEV)
 	$(BIN)/nudging-proxy sim-stack --config configs/sim.yaml
 
-test: $(VENV)/.dev
+test: $(DEV)
 	$(BIN)/python -m pytest -q -m 'not ($(SLOW_SUITES))'
 
-test-all: $(BIN)/nudging-proxy
+test-all: $(DEMO)
 	$(BIN)/python -m pytest -q
 
-check: $(VENV)/.dev
+check: $(DEV)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/mypy
 	$(BIN)/mypy benchmarks scripts
 
-bench: $(BIN)/nudging-proxy
+bench: $(DEV)
 	$(BIN)/python benchmarks/strategies.py
 
 # Two real vLLM servers on the CPU (own venv in .vllm-cpu/): SmolLM2-135M-Instruct on 8031,

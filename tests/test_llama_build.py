@@ -28,7 +28,7 @@ def _crashing_child(signal_name: str) -> list[str]:
 
 def test_makefile_builds_llama_cpp_portable_and_without_the_wheel_cache(tmp_path: Path) -> None:
     dry_run = subprocess.run(
-        ["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", f"{tmp_path / 'venv'}/bin/nudging-proxy"],
+        ["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", f"{tmp_path / 'venv'}/.demo"],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
     llama = [i for i, line in enumerate(dry_run) if "llama-cpp-python" in line]
     extras = [i for i, line in enumerate(dry_run) if ".[dev,demo,eval]" in line]
@@ -40,6 +40,19 @@ def test_makefile_builds_llama_cpp_portable_and_without_the_wheel_cache(tmp_path
     assert "'llama-cpp-python>=" in line
     assert llama[0] < extras[0], "llama.cpp must be built before the extras pull it in"
     assert "CMAKE_ARGS" not in dry_run[extras[0]]
+
+
+def test_the_demo_extra_is_installed_after_the_lighter_test_install(tmp_path: Path) -> None:
+    # `make test` installs without the demo extra, which also creates bin/nudging-proxy: `make
+    # run` and `make test-all` after it must still install llama.cpp.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for made in (venv / ".dev", venv / "bin" / "nudging-proxy"):
+        made.touch()
+    for target in ("run", "test-all"):
+        dry_run = subprocess.run(["make", "-n", f"VENV={venv}", target], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout
+        assert "llama-cpp-python" in dry_run and ".[dev,demo,eval]" in dry_run, (target, dry_run)
 
 
 def test_a_crash_in_the_check_refuses_to_serve_and_says_how_to_rebuild() -> None:
