@@ -90,6 +90,8 @@ def test_streamed_usage_is_the_sum_of_the_reported_tokens(proxy: str, model: str
                     continue
                 chunk = json.loads(line[6:])
                 usage = chunk.get("usage") or usage
-                reports += [choice["nudging"] for choice in chunk["choices"] if choice.get("nudging")]
+                # (Text chunks carry only their source; a choice's last chunk carries its report.)
+                reports += [choice["nudging"] for choice in chunk["choices"]
+                            if choice.get("nudging") and "tokens" in choice["nudging"]]
         assert usage is not None and reports
         assert usage["completion_tokens"] == reported_tokens(reports), PROMPTS[index].name
