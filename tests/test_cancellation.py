@@ -41,17 +41,26 @@ class Stack:
 
 
 def _simulator(stack: ExitStack, profile: str) -> str:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "upstreams.simulator", "--profile", profile, "--port", str(port),
-         "--time-scale", str(TIME_SCALE)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    stack.callback(process.wait, 10)
-    stack.callback(process.terminate)
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _answers(url), 30, f"simulator {profile} did not start")
-    return url
+    # A port just freed may still be held by an earlier test's process for a moment: then that
+    # process answers /health and ours exits, unable to bind. Ours must be alive and serving.
+    for _ in range(3):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "upstreams.simulator", "--profile", profile, "--port", str(port),
+             "--time-scale", str(TIME_SCALE)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        def up(url: str = url, process: subprocess.Popen[bytes] = process) -> bool:
+            return _answers(url) or process.poll() is not None
+
+        wait_for(up, 30, f"simulator {profile} did not start")
+        time.sleep(0.5)
+        if process.poll() is None:
+            stack.callback(process.wait, 10)
+            stack.callback(process.terminate)
+            return url
+    raise AssertionError(f"simulator {profile} exited at start-up three times")
 
 
 def _answers(url: str) -> bool:
