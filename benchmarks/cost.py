@@ -11,9 +11,13 @@ strategy `fast` and with `paper`, at 1, 16 and 64 concurrent streams. For each i
 - base prompt tokens not served from the prefix cache, per answer;
 - answers/s and the median time to the first text.
 
+With `--servers auto,asyncio/h11` one proxy runs per uvicorn stack (`server.loop`/`server.http`),
+measured in turn in one run for each method and concurrency, so the stacks compare side by side.
+
 Prints figures; asserts nothing.
 
     python benchmarks/cost.py [--answers 32] [--max-tokens 128] [--concurrency 1,16,64]
+                              [--methods base_only,fast,paper] [--servers auto]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,14 +105,43 @@ def _reset(url: str) -> None:
     httpx.post(url + "/stats/reset", timeout=10).raise_for_status()
 
 
+def _server_settings(stack: str) -> dict[str, str]:
+    """`auto` or `LOOP/HTTP` (e.g. `asyncio/h11`) as the proxy's `server` settings."""
+    if stack == "auto":
+        return {}
+    loop, http = stack.split("/")
+    return {"loop": loop, "http": http}
+
+
+def _measure(url: str, pid: int, base: str, method: str, concurrency: int, args: argparse.Namespace) -> str:
+    asyncio.run(_run(url, method, min(concurrency, 4), concurrency, 8))  # warm up
+    _reset(base)
+    cpu_before = cpu_seconds(pid)
+    done, wall = asyncio.run(_run(url, method, max(args.answers, concurrency), concurrency, args.max_tokens))
+    cpu = cpu_seconds(pid) - cpu_before
+    stats = _stats(base)
+    tokens = sum(answer.tokens for answer in done)
+    firsts = [a.first_text for a in done if a.first_text is not None]
+    uncached = stats["prompt_tokens_total"] - stats["prompt_tokens_cached"]
+    return (f"{cpu / tokens * 1e6:12.0f} {cpu / len(done) * 1e3:13.1f} "
+            f"{stats['requests_total'] / len(done):15.1f} {stats['tokens_generated'] / tokens:14.2f} "
+            f"{uncached / len(done):22.0f} {len(done) / wall:9.2f} "
+            f"{statistics.median(firsts) if firsts else float('nan'):10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--answers", type=int, default=32, help="answers per method and concurrency")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated stream counts")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated, of " + ", ".join(METHODS))
+    parser.add_argument("--servers", default="auto",
+                        help="comma-separated uvicorn stacks: auto (uvloop + httptools) or LOOP/HTTP")
     args = parser.parse_args()
     levels = [int(level) for level in args.concurrency.split(",")]
-    with simulator("base", 1.0) as base, simulator("aligned", 1.0) as aligned:
+    stacks = args.servers.split(",")
+    with simulator("base", 1.0) as base, simulator("aligned", 1.0) as aligned, ExitStack() as proxies:
         base_model = {"url": base + "/v1", "model": "base"}
         aligned_model = {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}
         models = [
@@ -115,27 +149,15 @@ def main() -> None:
             {"name": "fast", "base": base_model, "nudging": aligned_model, "strategy": "fast"},
             {"name": "paper", "base": base_model, "nudging": aligned_model, "strategy": "paper"},
         ]
-        with proxy(models) as (url, pid):
-            print(f"{'method':9} {'streams':>7} {'CPU µs/token':>12} {'CPU ms/answer':>13} "
-                  f"{'base req/answer':>15} {'base tok/token':>14} {'uncached prompt/answer':>22} "
-                  f"{'answers/s':>9} {'TTFT p50 s':>10}")
-            for concurrency in levels:
-                for method in METHODS:
-                    asyncio.run(_run(url, method, min(concurrency, 4), concurrency, 8))  # warm up
-                    _reset(base)
-                    cpu_before = cpu_seconds(pid)
-                    done, wall = asyncio.run(_run(url, method, max(args.answers, concurrency), concurrency,
-                                                  args.max_tokens))
-                    cpu = cpu_seconds(pid) - cpu_before
-                    stats = _stats(base)
-                    tokens = sum(answer.tokens for answer in done)
-                    firsts = [a.first_text for a in done if a.first_text is not None]
-                    uncached = stats["prompt_tokens_total"] - stats["prompt_tokens_cached"]
-                    print(f"{method:9} {concurrency:7} {cpu / tokens * 1e6:12.0f} "
-                          f"{cpu / len(done) * 1e3:13.1f} {stats['requests_total'] / len(done):15.1f} "
-                          f"{stats['tokens_generated'] / tokens:14.2f} "
-                          f"{uncached / len(done):22.0f} {len(done) / wall:9.2f} "
-                          f"{statistics.median(firsts) if firsts else float('nan'):10.2f}")
+        running = {stack: proxies.enter_context(proxy(models, _server_settings(stack))) for stack in stacks}
+        print(f"{'method':9} {'server':12} {'streams':>7} {'CPU µs/token':>12} {'CPU ms/answer':>13} "
+              f"{'base req/answer':>15} {'base tok/token':>14} {'uncached prompt/answer':>22} "
+              f"{'answers/s':>9} {'TTFT p50 s':>10}")
+        for concurrency in levels:
+            for method in args.methods.split(","):
+                for stack, (url, pid) in running.items():
+                    figures = _measure(url, pid, base, method, concurrency, args)
+                    print(f"{method:9} {stack:12} {concurrency:7} {figures}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,13 +65,15 @@ def simulator(profile: str, time_scale: float) -> Iterator[str]:
 
 
 @contextmanager
-def proxy(models: list[dict[str, Any]]) -> Iterator[tuple[str, int]]:
-    """`nudging-proxy serve` with these models; yields its URL and process id."""
+def proxy(models: list[dict[str, Any]], server: dict[str, Any] | None = None) -> Iterator[tuple[str, int]]:
+    """`nudging-proxy serve` with these models (and `server` settings); yields its URL and
+    process id."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "proxy.yaml"
-        config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port}, "models": models}))
+        settings = {**(server or {}), "host": "127.0.0.1", "port": port}
+        config.write_text(yaml.safe_dump({"server": settings, "models": models}))
         with _process([*CLI, "serve", "--config", str(config)], url) as process:
             yield url, process.pid
 

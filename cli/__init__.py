@@ -45,6 +45,8 @@ def serve(config: Config, host: str | None, port: int | None, app: FastAPI | Non
         log_config=None,
         access_log=False,  # ours carries the request id, model and tokens (server/observability.py)
         timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
+        loop=config.server.loop,
+        http=config.server.http,
     )
 
 

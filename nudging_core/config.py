@@ -204,6 +204,10 @@ class ServerConfig(Strict):
         30, ge=0, description="on SIGTERM, how long in-flight requests may run before they are ended"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # uvicorn's --loop and --http: "auto" takes uvloop and httptools (installed with the proxy)
+    # and falls back to asyncio and h11 where they cannot be imported.
+    loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="event loop (uvicorn's --loop)")
+    http: Literal["auto", "h11", "httptools"] = Field("auto", description="HTTP/1.1 parser (uvicorn's --http)")
     playground: bool = Field(
         False, description="serve the browser playground at /playground (behind the API keys when set)"
     )
