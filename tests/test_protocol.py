@@ -250,7 +250,9 @@ def test_completion_response_shape() -> None:
     data = json.loads(response.model_dump_json())
     assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
     assert isinstance(data["created"], int)
-    assert data["choices"] == [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop"}]
+    # vLLM's keys: `stop_reason` is null unless a stop string ended the choice.
+    assert data["choices"] == [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop",
+                                "stop_reason": None}]
     assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 
