@@ -48,18 +48,23 @@ def _whole(url: str, model: str, request: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _streamed(url: str, model: str, request: dict[str, Any]) -> list[dict[str, Any]]:
-    body = {"model": model, "prompt": PROMPT, "temperature": 0, "stream": True, **request}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+def _streamed(url: str, model: str, request: dict[str, Any], path: str = "/v1/completions",
+              ) -> list[dict[str, Any]]:
+    body = {"model": model, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            **({"prompt": PROMPT} if path == "/v1/completions" else {}), **request}
+    with httpx.stream("POST", url + path, json=body, timeout=30) as response:
         assert response.status_code == 200
         return [json.loads(line[5:]) for line in response.iter_lines()
                 if line.startswith("data:") and line.strip() != "data: [DONE]"]
 
 
 def _joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """A stream's choice as one: its text and logprobs joined, its last reasons."""
-    joined: dict[str, Any] = {"text": "", "logprobs": None, "finish_reason": None, "stop_reason": None}
+    """A stream's choice as one: its text and logprobs joined, its last reasons, and the
+    fingerprint of its usage chunk."""
+    joined: dict[str, Any] = {"text": "", "logprobs": None, "finish_reason": None, "stop_reason": None,
+                              "system_fingerprint": None}
     for chunk in chunks:
+        joined["system_fingerprint"] = chunk.get("system_fingerprint") or joined["system_fingerprint"]
         for choice in chunk["choices"]:
             joined["text"] += choice["text"]
             if choice["logprobs"] is not None:
@@ -73,9 +78,11 @@ def _joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", REQUESTS)
 def test_whole_answer_is_the_upstream_s(urls: tuple[str, str], name: str) -> None:
     simulator, proxy = urls
-    direct = _whole(simulator, "base", REQUESTS[name])["choices"][0]
-    passed = _whole(proxy, "base-only", REQUESTS[name])["choices"][0]
-    assert {key: passed.get(key) for key in CHOICE_FIELDS} == {key: direct[key] for key in CHOICE_FIELDS}
+    direct = _whole(simulator, "base", REQUESTS[name])
+    passed = _whole(proxy, "base-only", REQUESTS[name])
+    assert passed["system_fingerprint"] == direct["system_fingerprint"] == "nudging-proxy-simulator-base"
+    assert {key: passed["choices"][0][key] for key in CHOICE_FIELDS} == {
+        key: direct["choices"][0][key] for key in CHOICE_FIELDS}
 
 
 @pytest.mark.parametrize("name", REQUESTS)
@@ -83,3 +90,67 @@ def test_streamed_answer_is_the_upstream_s(urls: tuple[str, str], name: str) -> 
     simulator, proxy = urls
     assert _joined(_streamed(proxy, "base-only", REQUESTS[name])) == _joined(
         _streamed(simulator, "base", REQUESTS[name]))
+
+
+CHAT: dict[str, dict[str, Any]] = {
+    "logprobs": {"max_tokens": 6, "logprobs": True, "top_logprobs": 2},
+    "stop": {"max_tokens": 12, "logprobs": True, "top_logprobs": 1, "stop": ["sky"]},
+    "sampled_token_only": {"max_tokens": 4, "logprobs": True},
+}
+
+
+def _chat_as_completion(request: dict[str, Any]) -> dict[str, Any]:
+    """The completions request a chat request on the passthrough becomes: the base prompt of
+    one user message is its text and a newline; chat's top_logprobs is logprobs."""
+    fields = {key: value for key, value in request.items() if key not in ("logprobs", "top_logprobs")}
+    return {**fields, "logprobs": request.get("top_logprobs", 0)}
+
+
+def _assert_chat_logprobs(chat: dict[str, Any], completion: dict[str, Any], top_k: int) -> None:
+    """Chat logprobs are the completions ones, per token: its text, logprob, UTF-8 bytes and the
+    `top_k` likeliest alternatives, likeliest first."""
+    content = chat["content"]
+    assert [entry["token"] for entry in content] == completion["tokens"]
+    assert [entry["logprob"] for entry in content] == completion["token_logprobs"]
+    for entry, top in zip(content, completion["top_logprobs"], strict=True):
+        assert entry["bytes"] == list(entry["token"].encode())
+        ranked = sorted(top.items(), key=lambda item: -item[1])[:top_k]
+        assert [(t["token"], t["logprob"], t["bytes"]) for t in entry["top_logprobs"]] == [
+            (token, value, list(token.encode())) for token, value in ranked]
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_chat_answer_is_the_upstream_s(urls: tuple[str, str], name: str) -> None:
+    simulator, proxy = urls
+    request = CHAT[name]
+    direct = _whole(simulator, "base", _chat_as_completion(request))
+    response = httpx.post(proxy + "/v1/chat/completions", timeout=30, json={
+        "model": "base-only", "messages": [{"role": "user", "content": PROMPT.strip()}], "temperature": 0,
+        **request})
+    assert response.status_code == 200, response.text
+    passed = response.json()
+    choice, expected = passed["choices"][0], direct["choices"][0]
+    assert passed["system_fingerprint"] == direct["system_fingerprint"]
+    assert choice["message"]["content"] == expected["text"]
+    reasons = ("finish_reason", "stop_reason")
+    assert [choice[key] for key in reasons] == [expected[key] for key in reasons]
+    _assert_chat_logprobs(choice["logprobs"], expected["logprobs"], request.get("top_logprobs", 0))
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_streamed_chat_answer_is_the_upstream_s(urls: tuple[str, str], name: str) -> None:
+    simulator, proxy = urls
+    request = CHAT[name]
+    expected = _joined(_streamed(simulator, "base", _chat_as_completion(request)))
+    chunks = _streamed(proxy, "base-only", {"messages": [{"role": "user", "content": PROMPT.strip()}],
+                                            **request}, path="/v1/chat/completions")
+    choices = [choice for chunk in chunks for choice in chunk["choices"]]
+    assert "".join(choice["delta"].get("content") or "" for choice in choices) == expected["text"]
+    content = [entry for choice in choices if choice["logprobs"] for entry in choice["logprobs"]["content"]]
+    _assert_chat_logprobs({"content": content}, expected["logprobs"], request.get("top_logprobs", 0))
+    finishing = [choice for choice in choices if choice["finish_reason"]]
+    assert [(c["finish_reason"], c["stop_reason"]) for c in finishing] == [
+        (expected["finish_reason"], expected["stop_reason"])]
+    # vLLM's chat chunks name the stop reason on the finishing chunk only.
+    assert all("stop_reason" not in choice for choice in choices if not choice["finish_reason"])
+    assert chunks[-1]["system_fingerprint"] == expected["system_fingerprint"]

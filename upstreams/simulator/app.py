@@ -173,7 +173,8 @@ def create_app(
                 return answer
         sampling = completion.sampling(count, max_model_len, SIMULATOR)
         logprobs = None if fault is not None and fault.name == "no_logprobs" else completion.logprobs
-        reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None, logprobs)
+        reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None, logprobs,
+                       f"{SIMULATOR.owned_by}-{profile}")
         outcome = Outcome()
         scores_prompt = bool(completion.echo) and completion.logprobs is not None
         steps: AsyncGenerator[Step, None] = engine.generate(prompt, prompt_tokens, sampling, outcome,
@@ -219,8 +220,8 @@ class _Reply(Reply):
     """The simulator's logprobs: its steps' own, and the prompt's when echoing."""
 
     def __init__(self, name: str, echo: bool, prompt: str, model: LanguageModel | None,
-                 logprobs: int | None) -> None:
-        super().__init__(name)
+                 logprobs: int | None, system_fingerprint: str) -> None:
+        super().__init__(name, system_fingerprint)
         self.echo = echo
         self.prompt = prompt
         self.model = model
