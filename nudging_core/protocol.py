@@ -142,6 +142,8 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
     echo: bool = False
+    # 0 asks for the prompt's logprobs alone, with `echo` only (checked in planning).
+    max_tokens: int | None = Field(default=None, ge=0)
     best_of: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
 

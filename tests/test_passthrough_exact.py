@@ -25,6 +25,8 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "echo": {"max_tokens": 3, "logprobs": 1, "echo": True},
     "echo_stop_in_prompt": {"max_tokens": 3, "logprobs": 1, "echo": True, "stop": ["\n"]},
     "echo_one_token": {"max_tokens": 1, "logprobs": 5, "echo": True},
+    # lm-eval's log-likelihood: the prompt's logprobs, no completion.
+    "echo_no_tokens": {"max_tokens": 0, "logprobs": 1, "echo": True},
     "no_logprobs_stop": {"max_tokens": 12, "stop": [" is"]},
 }
 CHOICE_FIELDS = ("text", "logprobs", "finish_reason", "stop_reason")
@@ -90,6 +92,15 @@ def test_streamed_answer_is_the_upstream_s(urls: tuple[str, str], name: str) -> 
     simulator, proxy = urls
     assert _joined(_streamed(proxy, "base-only", REQUESTS[name])) == _joined(
         _streamed(simulator, "base", REQUESTS[name]))
+
+
+@pytest.mark.parametrize("request_body", [{"max_tokens": 0}, {"max_tokens": 0, "echo": False}])
+def test_no_tokens_without_echo_is_a_400(urls: tuple[str, str], request_body: dict[str, Any]) -> None:
+    # As vLLM: only an echo may ask for no tokens.
+    response = httpx.post(urls[1] + "/v1/completions", timeout=30,
+                          json={"model": "base-only", "prompt": PROMPT, **request_body})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens"
 
 
 CHAT: dict[str, dict[str, Any]] = {

@@ -143,7 +143,7 @@ def test_single_prompt() -> None:
     ("model", "patch", "param"),
     [
         (CompletionRequest, {"max_tokens": "lots"}, "max_tokens"),
-        (CompletionRequest, {"max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {"max_tokens": -1}, "max_tokens"),
         (CompletionRequest, {"n": 0}, "n"),
         (CompletionRequest, {"temperature": 2.5}, "temperature"),
         (CompletionRequest, {"top_p": 0}, "top_p"),

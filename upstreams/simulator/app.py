@@ -182,7 +182,8 @@ def create_app(
         if fault is not None and fault.name == "slow":
             steps = slowed(steps, fault.amount)
         if completion.stream:
-            events = _stream(reply, steps, outcome, count, completion.include_usage())
+            events = _stream(reply, steps, outcome, count, completion.include_usage(),
+                             prompt_only=sampling.max_tokens == 0)
             if fault is not None and fault.name in ("malformed", "stream_cut", "stall"):
                 events = disrupt(fault, events, request.scope)
             return EventStream(events)
@@ -274,15 +275,17 @@ class _Reply(Reply):
 
 
 async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: Outcome,
-                  prompt_tokens: int, include_usage: bool) -> AsyncGenerator[str, None]:
+                  prompt_tokens: int, include_usage: bool, *, prompt_only: bool,
+                  ) -> AsyncGenerator[str, None]:
     """SSE chunks: the prompt first when echoing, then one chunk per token, usage, [DONE].
+    An echo of no tokens (`max_tokens: 0`) finishes on the prompt's chunk, as vLLM's does.
 
     If the client goes away, the server cancels this generator; closing `steps` then counts
     the request as cancelled and closes it, so generation stops at once.
     """
     try:
         if reply.echo:
-            yield reply.chunk(reply.prompt, reply.prompt_logprobs())
+            yield reply.chunk(reply.prompt, reply.prompt_logprobs(), "length" if prompt_only else None)
         async for step in steps:
             logprobs = reply.step_logprobs([step]) if reply.logprobs is not None else None
             yield reply.chunk(step.text, logprobs, step.finish_reason, step.stop_reason)
