@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from nudging_core.config import parse_config
@@ -165,3 +166,26 @@ def test_streamed_chat_answer_is_the_upstream_s(urls: tuple[str, str], name: str
     # vLLM's chat chunks name the stop reason on the finishing chunk only.
     assert all("stop_reason" not in choice for choice in choices if not choice["finish_reason"])
     assert chunks[-1]["system_fingerprint"] == expected["system_fingerprint"]
+
+
+def test_openai_sdk_reads_passthrough_logprobs(urls: tuple[str, str]) -> None:
+    simulator, proxy = urls
+    direct = openai.OpenAI(base_url=simulator + "/v1", api_key="unused", max_retries=0)
+    sdk = openai.OpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0)
+    # lm-eval's log-likelihood request (the prompt's logprobs alone), and a plain one.
+    for echo, max_tokens, top in ((True, 0, 1), (False, 5, 2)):
+        expected, answer = (
+            client.completions.create(model=model, prompt=PROMPT, temperature=0, echo=echo,
+                                      max_tokens=max_tokens, logprobs=top)
+            for client, model in ((direct, "base"), (sdk, "base-only")))
+        logprobs, wanted = answer.choices[0].logprobs, expected.choices[0].logprobs
+        assert logprobs is not None and wanted is not None
+        assert logprobs.tokens == wanted.tokens and logprobs.token_logprobs == wanted.token_logprobs
+        assert logprobs.top_logprobs == wanted.top_logprobs and logprobs.text_offset == wanted.text_offset
+        assert answer.system_fingerprint == expected.system_fingerprint
+    chat = sdk.chat.completions.create(
+        model="base-only", messages=[{"role": "user", "content": PROMPT.strip()}], temperature=0,
+        max_tokens=3, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs and chat.choices[0].logprobs.content
+    assert content and "".join(entry.token for entry in content) == chat.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 2 for entry in content)
