@@ -12,6 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
@@ -189,3 +193,32 @@ def test_openai_sdk_reads_passthrough_logprobs(urls: tuple[str, str]) -> None:
     content = chat.choices[0].logprobs and chat.choices[0].logprobs.content
     assert content and "".join(entry.token for entry in content) == chat.choices[0].message.content
     assert all(len(entry.top_logprobs) == 2 for entry in content)
+
+
+def overshooting_upstream() -> Starlette:
+    """An upstream that writes three tokens whatever `max_tokens` says, in one stream event."""
+    logprobs = {"tokens": [" a", " b", " c"], "token_logprobs": [-0.1, -0.2, -0.3],
+                "top_logprobs": [{" a": -0.1}, {" b": -0.2}, {" c": -0.3}], "text_offset": [0, 2, 4]}
+
+    async def completions(request: Request) -> Response:
+        event = {"choices": [{"index": 0, "text": " a b c", "logprobs": logprobs, "finish_reason": "length",
+                              "stop_reason": None}]}
+        return Response(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n", media_type="text/event-stream")
+
+    return Starlette(routes=[
+        Route("/v1/models", lambda request: JSONResponse({"data": [{"id": "m", "owned_by": "vllm"}]})),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ])
+
+
+def test_a_budget_cut_keeps_logprobs_aligned() -> None:
+    # The budget is exact even when an upstream overshoots it: the logprobs end where the text does.
+    with running(overshooting_upstream()) as upstream:
+        config = parse_config({"models": [
+            {"name": "base-only", "method": "base_only", "base": {"url": upstream + "/v1", "model": "m"}}]})
+        with running(create_proxy(config)) as proxy:
+            answer = httpx.post(proxy + "/v1/completions", timeout=30, json={
+                "model": "base-only", "prompt": "x", "max_tokens": 2, "logprobs": 1}).json()["choices"][0]
+    assert answer["text"] == " a b"
+    assert answer["logprobs"] == {"tokens": [" a", " b"], "token_logprobs": [-0.1, -0.2],
+                                  "top_logprobs": [{" a": -0.1}, {" b": -0.2}], "text_offset": [0, 2]}
