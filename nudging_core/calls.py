@@ -119,6 +119,14 @@ class CountedStream:
     def completion_tokens(self) -> int | None:
         return self.stream.completion_tokens if self.stream is not None else None
 
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.stream.stop_reason if self.stream is not None else None
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        return self.stream.system_fingerprint if self.stream is not None else None
+
     async def __aiter__(self) -> AsyncGenerator[Token, None]:
         assert self.stream is not None
         async for token in self.stream:

@@ -51,6 +51,7 @@ class Generation:
         self.prompt_tokens = 0
         self.finish_reason: FinishReason = "stop"
         self._input: MethodInput | None = None
+        self._matched_stop: str | None = None
 
     def _caller(self, role: Role) -> RoleCaller:
         return RoleCaller(
@@ -74,8 +75,24 @@ class Generation:
         reported = self.stats.prompt_tokens.get(prompt_role)
         self.prompt_tokens = counted if counted is not None else reported or 0
 
+    @property
+    def stop_reason(self) -> str | int | None:
+        """vLLM's `stop_reason`: the stop string that ended the answer (a passthrough's
+        upstream may also name a stop token id)."""
+        if self._input is not None and METHODS[self.request.method].forwards_fields:
+            return self._input.upstream_stop_reason
+        return self._matched_stop
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        """A passthrough's upstream's `system_fingerprint`."""
+        return self._input.system_fingerprint if self._input is not None else None
+
     async def _filtered_pieces(self) -> AsyncGenerator[Piece, None]:
-        stop_filter = StopFilter(self.request.stop)
+        # A passthrough's upstream applies the stop strings it was sent, and its answer passes
+        # as it sent it: with `echo`, its text starts with the prompt, which may hold them.
+        forwards = METHODS[self.request.method].forwards_fields
+        stop_filter = StopFilter(() if forwards else self.request.stop)
         produced = False
         try:
             async with aclosing(self._method_pieces()) as pieces:
@@ -86,6 +103,7 @@ class Generation:
                         yield visible
                     if stop_filter.matched is not None:
                         self.stats.stop_reason = "stop_string"
+                        self._matched_stop = stop_filter.matched
                         break
         except ContextOverflow as overflow:
             if not produced and not isinstance(overflow, ContextFull):

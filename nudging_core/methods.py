@@ -35,6 +35,9 @@ class MethodInput:
     return_logprobs: bool = False
     # Set by a passthrough with `echo`: the upstream's own count of the answer's tokens.
     upstream_completion_tokens: int | None = None
+    # Set by a passthrough: the upstream's `stop_reason` and `system_fingerprint`, returned as sent.
+    upstream_stop_reason: str | int | None = None
+    system_fingerprint: str | None = None
 
 
 Generator = Callable[[MethodInput], AsyncGenerator[Piece, None]]

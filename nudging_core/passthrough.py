@@ -52,6 +52,8 @@ async def passthrough(run: MethodInput, role: Source) -> AsyncGenerator[Piece, N
                 yield piece
         finish_reason = stream.finish_reason
         reported = stream.completion_tokens
+        run.upstream_stop_reason = stream.stop_reason
+        run.system_fingerprint = stream.system_fingerprint
     if echo:
         # The echoed prompt's tokens are no part of the answer: the upstream's count is.
         run.upstream_completion_tokens = reported
@@ -59,4 +61,9 @@ async def passthrough(run: MethodInput, role: Source) -> AsyncGenerator[Piece, N
         # Tokens that wrote no text (an end-of-sequence token, say) count as the upstream
         # counts them.
         yield Piece("", role, (0,) * min(reported - counted, budget.remaining))
-    run.stats.stop_reason = UPSTREAM_STOP[role] if finish_reason == "stop" else "length"
+    if finish_reason != "stop":
+        run.stats.stop_reason = "length"
+    elif isinstance(run.upstream_stop_reason, str):
+        run.stats.stop_reason = "stop_string"
+    else:
+        run.stats.stop_reason = UPSTREAM_STOP[role]

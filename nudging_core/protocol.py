@@ -142,6 +142,8 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None
     echo: bool = False
+    # 0 asks for the prompt's logprobs alone, with `echo` only (checked in planning).
+    max_tokens: int | None = Field(default=None, ge=0)
     best_of: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0)
 
@@ -360,6 +362,8 @@ class _Choice(_ResponseModel):
     # Passthrough models only: the upstream's logprobs (completions or chat shape).
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    # vLLM's: the stop string (or a passthrough upstream's stop token id) that ended the choice.
+    stop_reason: str | int | None = None
     # The report on a whole answer and on a stream's last chunk; the source on its text chunks.
     nudging: NudgingReport | NudgingChunkSource | None = None
 
@@ -373,12 +377,16 @@ CompletionStreamChoice = CompletionChoice
 
 
 class CompletionResponse(_ResponseModel):
+    # A passthrough upstream's build, as it sent it (vLLM: on whole answers and usage chunks).
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"system_fingerprint"})
+
     id: str = Field(default_factory=new_completion_id)
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionStreamResponse(CompletionResponse):
@@ -395,12 +403,15 @@ class ChatCompletionChoice(_Choice):
 
 
 class ChatCompletionResponse(_ResponseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"system_fingerprint"})
+
     id: str = Field(default_factory=new_chat_completion_id)
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    system_fingerprint: str | None = None
 
 
 class DeltaMessage(_ResponseModel):
@@ -412,10 +423,14 @@ class DeltaMessage(_ResponseModel):
 
 
 class ChatCompletionStreamChoice(_Choice):
+    # vLLM's chat chunks carry `stop_reason` on a choice's finishing chunk only.
+    omit_if_unset_none: ClassVar[frozenset[str]] = frozenset({"stop_reason"})
+
     delta: DeltaMessage
 
 
 class ChatCompletionStreamResponse(_ResponseModel):
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"system_fingerprint"})
     omit_if_unset_none: ClassVar[frozenset[str]] = frozenset({"usage"})
 
     id: str = Field(default_factory=new_chat_completion_id)
@@ -424,6 +439,7 @@ class ChatCompletionStreamResponse(_ResponseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(_ResponseModel):

@@ -94,7 +94,14 @@ class Piece:
         if max_tokens <= 0:
             return Piece("", self.source, ())
         ends = self.token_ends[:max_tokens]
-        return Piece(self.text[: ends[-1]], self.source, ends)
+        return Piece(self.text[: ends[-1]], self.source, ends, _first_logprobs(self.logprobs, max_tokens))
+
+
+def _first_logprobs(logprobs: dict[str, Any] | None, count: int) -> dict[str, Any] | None:
+    """The completions-shape logprobs of the first `count` tokens (a piece cut at a token)."""
+    if logprobs is None:
+        return None
+    return {key: values[:count] if isinstance(values, list) else values for key, values in logprobs.items()}
 
 
 def piece_from_tokens(tokens: tuple[Token, ...] | list[Token], source: Source) -> Piece:

@@ -117,15 +117,16 @@ class Shape(ABC):
     def chunk(
         self, index: int, text: str | None, *, finish_reason: str | None = None,
         report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]: ...
 
     @abstractmethod
-    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         """A stream chunk with `choices` (and `usage` only when given: the key is left out
         of the other chunks)."""
 
     def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
-        return self._stream_body([], usage=usage_info(usage))
+        return self._stream_body([], usage=usage_info(usage), system_fingerprint=usage.system_fingerprint)
 
     def text_chunk(self, index: int, piece: Piece) -> dict[str, Any]:
         """The chunk of one piece of text (with its upstream logprobs, if returned, and the
@@ -135,7 +136,8 @@ class Shape(ABC):
 
     def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
         finish_reason = run.generation.finish_reason
-        return self.chunk(run.index, None, finish_reason=finish_reason, report=self.report(run))
+        return self.chunk(run.index, None, finish_reason=finish_reason, report=self.report(run),
+                          stop_reason=run.generation.stop_reason)
 
 
 @dataclass(slots=True)
@@ -159,12 +161,14 @@ class ChatShape(Shape):
                 message=ChatCompletionMessage(content=run.text),
                 logprobs=self.logprobs(run.pieces),
                 finish_reason=run.generation.finish_reason,
+                stop_reason=run.generation.stop_reason,
                 nudging=self.report(run),
             )
             for run in runs
         ]
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_info(usage)
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_info(usage),
+            system_fingerprint=usage.system_fingerprint,
         ).model_dump()
 
     def opening_chunks(self, indexes: list[int]) -> list[dict[str, Any]]:
@@ -174,20 +178,24 @@ class ChatShape(Shape):
     def chunk(
         self, index: int, text: str | None, *, finish_reason: str | None = None,
         report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
-        return self._chunk(index, text, finish_reason=finish_reason, report=report, logprobs=logprobs)
+        return self._chunk(index, text, finish_reason=finish_reason, report=report, logprobs=logprobs,
+                           stop_reason=stop_reason)
 
     def _chunk(
         self, index: int, text: str | None, *, role: bool = False, finish_reason: str | None = None,
         report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
         delta = DeltaMessage(role="assistant" if role else None, content=text)
         choice = ChatCompletionStreamChoice(
-            index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs
+            index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs,
+            **({"stop_reason": stop_reason} if finish_reason is not None else {}),
         )
         return self._stream_body([choice])
 
-    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         return ChatCompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()
@@ -207,24 +215,28 @@ class TextShape(Shape):
         choices = [
             CompletionChoice(
                 index=run.index, text=run.text, finish_reason=run.generation.finish_reason,
-                logprobs=self.logprobs(run.pieces), nudging=self.report(run),
+                stop_reason=run.generation.stop_reason, logprobs=self.logprobs(run.pieces),
+                nudging=self.report(run),
             )
             for run in runs
         ]
         return CompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_info(usage)
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_info(usage),
+            system_fingerprint=usage.system_fingerprint,
         ).model_dump()
 
     def chunk(
         self, index: int, text: str | None, *, finish_reason: str | None = None,
         report: NudgingReport | NudgingChunkSource | None = None, logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
         choice = CompletionStreamChoice(
-            index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs
+            index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs,
+            stop_reason=stop_reason,
         )
         return self._stream_body([choice])
 
-    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         return CompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()

@@ -121,8 +121,11 @@ def test_stop_string_across_pieces(proxy: str) -> None:
     body = httpx.post(proxy + "/v1/chat/completions", json=chat_body(stop=["The sky"])).json()
     assert body["choices"][0]["message"]["content"] == "Sure! "
     assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["stop_reason"] == "The sky"  # vLLM's: the stop string that matched
     body = httpx.post(proxy + "/v1/chat/completions", json=chat_body(stop="of light")).json()
     assert body["choices"][0]["message"]["content"] == "Sure! The sky is blue because "
+    answer = httpx.post(proxy + "/v1/chat/completions", json=chat_body()).json()
+    assert answer["choices"][0]["stop_reason"] is None  # the aligned model stopped
 
 
 def test_passthrough_models(proxy: str) -> None:

@@ -143,7 +143,7 @@ def test_single_prompt() -> None:
     ("model", "patch", "param"),
     [
         (CompletionRequest, {"max_tokens": "lots"}, "max_tokens"),
-        (CompletionRequest, {"max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {"max_tokens": -1}, "max_tokens"),
         (CompletionRequest, {"n": 0}, "n"),
         (CompletionRequest, {"temperature": 2.5}, "temperature"),
         (CompletionRequest, {"top_p": 0}, "top_p"),
@@ -250,7 +250,9 @@ def test_completion_response_shape() -> None:
     data = json.loads(response.model_dump_json())
     assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
     assert isinstance(data["created"], int)
-    assert data["choices"] == [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop"}]
+    # vLLM's keys: `stop_reason` is null unless a stop string ended the choice.
+    assert data["choices"] == [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop",
+                                "stop_reason": None}]
     assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 

@@ -220,10 +220,17 @@ def sse(payload: dict[str, Any]) -> str:
 class Reply:
     """The body and the SSE chunks of one completion (one choice, as n=1 is all we serve)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, system_fingerprint: str | None = None) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())  # one id and time for every chunk, as vLLM
         self.name = name
+        # vLLM names its build on the whole answer and on the usage chunk only.
+        self.system_fingerprint = system_fingerprint
+
+    def _fingerprinted(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.system_fingerprint is not None:
+            body["system_fingerprint"] = self.system_fingerprint
+        return body
 
     def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -240,7 +247,7 @@ class Reply:
         """The JSON answer of a request that does not stream."""
         body = self.one_choice(text, logprobs, finish_reason, stop_reason)
         body["usage"] = usage_block(prompt_tokens, completion_tokens)
-        return body
+        return self._fingerprinted(body)
 
     def chunk(self, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None = None,
               stop_reason: str | None = None) -> str:
@@ -250,7 +257,7 @@ class Reply:
         """The last chunk before [DONE] when the client asked for ``include_usage``."""
         chunk = self.envelope([])
         chunk["usage"] = usage_block(prompt_tokens, completion_tokens)
-        return sse(chunk)
+        return sse(self._fingerprinted(chunk))
 
 
 @dataclass(slots=True)

@@ -46,6 +46,9 @@ def _max_tokens(served: ServedModel, request: AnyRequest) -> int:
     requested = request.requested_max_tokens()
     if requested is None:
         return served.config.default_max_tokens
+    if requested == 0 and not (isinstance(request, CompletionRequest) and request.echo):
+        # As vLLM: only an echo (its prompt's logprobs, lm-eval's log-likelihood) asks for none.
+        raise invalid_request("max_tokens must be at least 1, got 0 (0 only with echo)", "max_tokens")
     limit = served.config.max_tokens_limit
     if requested > limit:
         field_name = request.max_tokens_param()

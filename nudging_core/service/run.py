@@ -57,6 +57,8 @@ class ChoiceFinished:
 class UsageEvent:
     prompt_tokens: int
     completion_tokens: int
+    # A passthrough upstream's build, which vLLM sends once per answer.
+    system_fingerprint: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -163,7 +165,8 @@ async def _choices(
 def usage(runs: list[ChoiceRun]) -> UsageEvent:
     # Choices share one prompt; the first choice measured it.
     prompt_tokens = runs[0].generation.prompt_tokens if runs else 0
-    return UsageEvent(prompt_tokens, sum(run.generation.completion_tokens for run in runs))
+    return UsageEvent(prompt_tokens, sum(run.generation.completion_tokens for run in runs),
+                      runs[0].generation.system_fingerprint if runs else None)
 
 
 async def run(plans: list[ChoicePlan], *, streaming: bool) -> AsyncGenerator[Event, None]:

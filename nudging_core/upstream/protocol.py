@@ -25,12 +25,17 @@ class StreamProgress(ABC):
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.stop_reason: str | int | None = None
+        self.system_fingerprint: str | None = None
         self.completed = False
 
     def note(self, reply: Reply) -> None:
         self.finish_reason = reply.finish_reason or self.finish_reason
         self.prompt_tokens = reply.prompt_tokens or self.prompt_tokens
         self.completion_tokens = reply.completion_tokens or self.completion_tokens
+        if reply.finish_reason:
+            self.stop_reason = reply.stop_reason
+        self.system_fingerprint = reply.system_fingerprint or self.system_fingerprint
 
     @abstractmethod
     def replies(self) -> AsyncIterator[Reply]:
@@ -56,6 +61,8 @@ class UpstreamStream(AbstractAsyncContextManager["UpstreamStream"], Protocol):
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    stop_reason: str | int | None
+    system_fingerprint: str | None
     completed: bool
 
     def __aiter__(self) -> AsyncIterator[Token]: ...

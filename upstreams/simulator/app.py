@@ -173,7 +173,8 @@ def create_app(
                 return answer
         sampling = completion.sampling(count, max_model_len, SIMULATOR)
         logprobs = None if fault is not None and fault.name == "no_logprobs" else completion.logprobs
-        reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None, logprobs)
+        reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None, logprobs,
+                       f"{SIMULATOR.owned_by}-{profile}")
         outcome = Outcome()
         scores_prompt = bool(completion.echo) and completion.logprobs is not None
         steps: AsyncGenerator[Step, None] = engine.generate(prompt, prompt_tokens, sampling, outcome,
@@ -181,7 +182,8 @@ def create_app(
         if fault is not None and fault.name == "slow":
             steps = slowed(steps, fault.amount)
         if completion.stream:
-            events = _stream(reply, steps, outcome, count, completion.include_usage())
+            events = _stream(reply, steps, outcome, count, completion.include_usage(),
+                             prompt_only=sampling.max_tokens == 0)
             if fault is not None and fault.name in ("malformed", "stream_cut", "stall"):
                 events = disrupt(fault, events, request.scope)
             return EventStream(events)
@@ -219,8 +221,8 @@ class _Reply(Reply):
     """The simulator's logprobs: its steps' own, and the prompt's when echoing."""
 
     def __init__(self, name: str, echo: bool, prompt: str, model: LanguageModel | None,
-                 logprobs: int | None) -> None:
-        super().__init__(name)
+                 logprobs: int | None, system_fingerprint: str) -> None:
+        super().__init__(name, system_fingerprint)
         self.echo = echo
         self.prompt = prompt
         self.model = model
@@ -273,15 +275,17 @@ class _Reply(Reply):
 
 
 async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: Outcome,
-                  prompt_tokens: int, include_usage: bool) -> AsyncGenerator[str, None]:
+                  prompt_tokens: int, include_usage: bool, *, prompt_only: bool,
+                  ) -> AsyncGenerator[str, None]:
     """SSE chunks: the prompt first when echoing, then one chunk per token, usage, [DONE].
+    An echo of no tokens (`max_tokens: 0`) finishes on the prompt's chunk, as vLLM's does.
 
     If the client goes away, the server cancels this generator; closing `steps` then counts
     the request as cancelled and closes it, so generation stops at once.
     """
     try:
         if reply.echo:
-            yield reply.chunk(reply.prompt, reply.prompt_logprobs())
+            yield reply.chunk(reply.prompt, reply.prompt_logprobs(), "length" if prompt_only else None)
         async for step in steps:
             logprobs = reply.step_logprobs([step]) if reply.logprobs is not None else None
             yield reply.chunk(step.text, logprobs, step.finish_reason, step.stop_reason)

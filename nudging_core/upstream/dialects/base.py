@@ -31,6 +31,10 @@ class Reply:
     text: str = ""
     logprobs: dict[str, Any] | None = None
     completion_tokens: int | None = None
+    # vLLM's: the stop string (or stop token id) that ended the answer, on its finishing
+    # event; and its build, on a whole answer and on a stream's usage event.
+    stop_reason: str | int | None = None
+    system_fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

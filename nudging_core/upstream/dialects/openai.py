@@ -67,9 +67,14 @@ def _choice_reply(role: str, payload: dict[str, Any], *, need_logprobs: bool) ->
     if isinstance(usage, dict):
         reply.prompt_tokens = usage.get("prompt_tokens")
         reply.completion_tokens = usage.get("completion_tokens")
+    fingerprint = payload.get("system_fingerprint")
+    reply.system_fingerprint = fingerprint if isinstance(fingerprint, str) else None
     for choice in payload.get("choices") or []:
         reply.tokens.extend(parse_tokens(role, choice, need_logprobs=need_logprobs))
-        reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
+        if choice.get("finish_reason"):
+            reply.finish_reason = choice["finish_reason"]
+            stop_reason = choice.get("stop_reason")
+            reply.stop_reason = stop_reason if isinstance(stop_reason, str | int) else None
         reply.text += choice.get("text") or ""
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict) and reply.logprobs is None:
