@@ -108,6 +108,29 @@ class _SamplingRequest(OpenAIRequestModel):
 
     # Known OpenAI fields a nudged model cannot honour; see `unsupported_fields`.
     UNSUPPORTED_FOR_NUDGING: ClassVar[tuple[str, ...]] = ()
+    # vLLM's own sampling fields (both endpoints), kept as extra fields for passthrough models:
+    # a nudged generation samples with temperature, top_p and seed only.
+    VLLM_SAMPLING_FIELDS: ClassVar[tuple[str, ...]] = (
+        "use_beam_search",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "length_penalty",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "min_tokens",
+        "truncate_prompt_tokens",
+        "allowed_token_ids",
+        "bad_words",
+        "prompt_logprobs",
+        "logits_processors",
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    )
 
     @field_validator("stream_options")
     @classmethod
@@ -257,14 +280,23 @@ _NOOP: Final[Mapping[tuple[type[BaseModel], str], Callable[[Any], bool]]] = {
     (ChatCompletionRequest, "response_format"): lambda v: v is None or v == {"type": "text"},
     (ChatCompletionRequest, "modalities"): lambda v: v is None or v == ["text"],
 }
+# vLLM's sampling fields whose defaults the generic rule does not know (both endpoints).
+_VLLM_NOOP: Final[Mapping[str, Callable[[Any], bool]]] = {
+    "top_k": lambda v: v is None or v in (0, -1),  # vLLM: 0 and -1 both mean "all tokens"
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "length_penalty": lambda v: v is None or v == 1,
+    # prompt_logprobs=0 asks for the prompt tokens' own logprobs: a real request.
+    "prompt_logprobs": lambda v: v is None,
+}
 
 
 def unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> list[str]:
     """The known fields of `request` that ask for something a nudged model cannot do."""
     found: list[str] = []
-    for name in request.UNSUPPORTED_FOR_NUDGING:
-        is_noop = _NOOP.get((type(request), name), _generic_noop)
-        if not is_noop(getattr(request, name)):
+    for name in request.UNSUPPORTED_FOR_NUDGING + request.VLLM_SAMPLING_FIELDS:
+        is_noop = _NOOP.get((type(request), name)) or _VLLM_NOOP.get(name, _generic_noop)
+        # vLLM's fields are extra fields: absent unless the client sent them.
+        if not is_noop(getattr(request, name, None)):
             found.append(name)
     return found
 
@@ -388,6 +420,8 @@ class CompletionStreamResponse(CompletionResponse):
 class ChatCompletionMessage(_ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # OpenAI's schema requires the key on a whole message (a stream's deltas may leave it out).
+    refusal: str | None = None
 
 
 class ChatCompletionChoice(_Choice):

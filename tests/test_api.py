@@ -37,6 +37,7 @@ def test_chat_completion_shape_and_provenance(proxy: str) -> None:
     assert choice["message"] == {
         "role": "assistant",
         "content": "Sure! The sky is blue because of light. Bye",
+        "refusal": None,  # OpenAI's schema requires the key
     }
     assert choice["finish_reason"] == "stop"
     report = choice["nudging"]
@@ -136,14 +137,21 @@ def test_passthrough_models(proxy: str) -> None:
 
 
 @pytest.mark.parametrize("combined", ["nudged", "ensemble"])
-def test_passthrough_forwards_fields_a_combining_model_rejects(proxy: str, combined: str) -> None:
+@pytest.mark.parametrize(("name", "value"), [
+    ("logit_bias", {"1": 5}), ("ignore_eos", True), ("min_tokens", 2), ("repetition_penalty", 1.2),
+    ("frequency_penalty", 0.5), ("top_k", 5),
+])
+def test_passthrough_forwards_fields_a_combining_model_rejects(
+    proxy: str, combined: str, name: str, value: Any
+) -> None:
     response = httpx.post(proxy + "/v1/completions",
-                          json={"model": "base-only", "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+                          json={"model": "base-only", "prompt": BASE_PROMPT, name: value})
     assert response.status_code == 200
     response = httpx.post(proxy + "/v1/completions",
-                          json={"model": combined, "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+                          json={"model": combined, "prompt": BASE_PROMPT, name: value})
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "logit_bias"
+    assert response.json()["error"]["param"] == name
+    assert name in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
