@@ -96,6 +96,8 @@ class Shape(ABC):
 
     model: str
     with_provenance: bool
+    # A stream that ends with a usage chunk: every chunk before it says `"usage": null`.
+    include_usage: bool = False
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -120,9 +122,14 @@ class Shape(ABC):
     ) -> dict[str, Any]: ...
 
     @abstractmethod
-    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo | None) -> dict[str, Any]:
         """A stream chunk with `choices` (and `usage` only when given: the key is left out
         of the other chunks)."""
+
+    def _chunk_body(self, choices: list[Any]) -> dict[str, Any]:
+        """A chunk before the usage chunk: OpenAI sends `"usage": null` there when the client
+        asked for usage, and no `usage` key otherwise."""
+        return self._stream_body(choices, usage=None) if self.include_usage else self._stream_body(choices)
 
     def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
         return self._stream_body([], usage=usage_info(usage))
@@ -185,9 +192,9 @@ class ChatShape(Shape):
         choice = ChatCompletionStreamChoice(
             index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
-        return self._stream_body([choice])
+        return self._chunk_body([choice])
 
-    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo | None) -> dict[str, Any]:
         return ChatCompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()
@@ -222,9 +229,9 @@ class TextShape(Shape):
         choice = CompletionStreamChoice(
             index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs
         )
-        return self._stream_body([choice])
+        return self._chunk_body([choice])
 
-    def _stream_body(self, choices: list[Any], **usage: UsageInfo) -> dict[str, Any]:
+    def _stream_body(self, choices: list[Any], **usage: UsageInfo | None) -> dict[str, Any]:
         return CompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, **usage
         ).model_dump()

@@ -67,7 +67,7 @@ async def _respond(request: Request, served: ServedModel, body: AnyRequest, shap
     events = observed(run(plans, streaming=body.stream), nudged=served.config.method == "nudging",
                       stream=body.stream)
     if body.stream:
-        return await stream_response(shape, [p.index for p in plans], events, body.include_usage())
+        return await stream_response(shape, [p.index for p in plans], events)
     finished: list[ChoiceRun] = []
     usage = UsageEvent(0, 0)
     async with aclosing(events):
@@ -88,7 +88,8 @@ def _with_provenance(body: AnyRequest) -> bool:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     served = _served(request, body)
-    shape = TextShape(model=body.model, with_provenance=_with_provenance(body))
+    shape = TextShape(model=body.model, with_provenance=_with_provenance(body),
+                      include_usage=body.include_usage())
     return await _unless_client_leaves(request, _respond(request, served, body, shape))
 
 
@@ -96,7 +97,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     served = _served(request, body)
     shape = ChatShape(model=body.model, with_provenance=_with_provenance(body),
-                      top_logprobs=body.top_logprobs or 0)
+                      include_usage=body.include_usage(), top_logprobs=body.top_logprobs or 0)
     return await _unless_client_leaves(request, _respond(request, served, body, shape))
 
 

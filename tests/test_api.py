@@ -48,6 +48,15 @@ def test_chat_completion_shape_and_provenance(proxy: str) -> None:
     assert body["usage"]["prompt_tokens"] == len(BASE_PROMPT)  # the scripted tokenizer counts characters
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_without_usage_has_no_usage_key(proxy: str, endpoint: str) -> None:
+    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT,
+                                                   "nudging": {"nudging_prompt": NUDGER_PROMPT}}
+    with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True}) as response:
+        chunks = sse_events(response)[:-1]
+    assert chunks and all("usage" not in chunk for chunk in chunks)
+
+
 def test_provenance_only_when_asked(proxy: str) -> None:
     choice = httpx.post(proxy + "/v1/chat/completions", json=chat_body()).json()["choices"][0]
     assert "nudging" not in choice
@@ -68,6 +77,8 @@ def test_stream_matches_non_stream(proxy: str, endpoint: str) -> None:
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
     content = chunks[:-1]
+    # Asked for usage: every chunk before the usage chunk says `"usage": null`, as OpenAI's do.
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in content)
     assert content[-1]["choices"][0]["finish_reason"] == "stop"
     assert all(c["choices"][0]["finish_reason"] is None for c in content[:-1])
     if "chat" in endpoint:
