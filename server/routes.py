@@ -101,11 +101,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _unless_client_leaves(request, _respond(request, served, body, shape))
 
 
+def _card(request: Request, name: str) -> ModelCard:
+    return ModelCard(id=name, created=request.app.state.started)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    created = request.app.state.started
-    cards = [ModelCard(id=name, created=created) for name in _registry(request).models]
+    cards = [_card(request, name) for name in _registry(request).models]
     return ModelList(data=cards).model_dump()
+
+
+# `:path`: model names such as "org/model" hold slashes, which clients need not escape.
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    if _registry(request).get(model_id) is None:
+        raise model_not_found(model_id)
+    return _card(request, model_id).model_dump()
 
 
 @router.get("/health")

@@ -240,6 +240,18 @@ def test_models_health_ready(proxy: str) -> None:
     assert ready.status_code == 200 and all(ready.json()["upstreams"].values())
 
 
+def test_a_model_named_with_a_slash_is_retrieved() -> None:
+    config = parse_config({"models": [
+        {"name": "org/model", "method": "base_only",
+         "base": {"url": "http://127.0.0.1:9/v1", "model": "b"}}]})
+    with running(create_app(config)) as proxy_url:
+        card = httpx.get(proxy_url + "/v1/models/org/model").json()
+        assert card["id"] == "org/model" and card["object"] == "model"
+        assert httpx.get(proxy_url + "/v1/models/org%2Fmodel").json() == card
+        missing = httpx.get(proxy_url + "/v1/models/org/other")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
 def test_upstream_down_is_a_clear_5xx() -> None:
     config = parse_config({"models": [
         {"name": "m", "base": {"url": "http://127.0.0.1:9/v1", "model": "b"},
