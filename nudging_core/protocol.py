@@ -301,6 +301,42 @@ def unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> li
     return found
 
 
+# --- Tokenizer requests (vLLM's /tokenize and /detokenize) ---------------------------------
+#
+# `model` is optional, as in vLLM: a proxy serving one model knows which tokenizer is meant.
+# Fields follow vLLM's; unknown ones are kept and forwarded, as the upstream may know them.
+
+
+class TokenizeCompletionRequest(OpenAIRequestModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIRequestModel):
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # The chat template writes the special tokens itself.
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(OpenAIRequestModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+def tokenize_request_type(body: Any) -> type[TokenizeCompletionRequest | TokenizeChatRequest]:
+    """vLLM's form of a /tokenize body: the chat form when it has `messages`."""
+    return TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeCompletionRequest
+
+
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
@@ -487,15 +523,19 @@ __all__ = [
     "CompletionStreamResponse",
     "ContentPart",
     "DeltaMessage",
+    "DetokenizeRequest",
     "ModelCard",
     "ModelList",
     "NudgingOptions",
     "NudgingReport",
     "Span",
     "StreamOptions",
+    "TokenizeChatRequest",
+    "TokenizeCompletionRequest",
     "UsageInfo",
     "new_chat_completion_id",
     "new_completion_id",
     "parse_request",
+    "tokenize_request_type",
     "unsupported_fields",
 ]

@@ -10,10 +10,19 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from nudging_core.errors import model_not_found
-from nudging_core.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from nudging_core.errors import invalid_request, model_not_found
+from nudging_core.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    parse_request,
+    tokenize_request_type,
+)
 from nudging_core.registry import ModelRegistry, ServedModel
 from nudging_core.service import AnyRequest, ChoiceFinished, ChoiceRun, ErrorEvent, UsageEvent, plan, run
+from nudging_core.service.tokenizer import TokenizerEndpoint, ask_tokenizer
 
 from .observability import note_model, observed
 from .responses import ChatShape, Shape, TextShape
@@ -29,11 +38,33 @@ def _registry(request: Request) -> ModelRegistry:
 
 def _served(request: Request, body: AnyRequest) -> ServedModel:
     """The model a request names."""
-    served = _registry(request).get(body.model)
+    return _named(request, body.model)
+
+
+def _named(request: Request, name: str) -> ServedModel:
+    served = _registry(request).get(name)
     if served is None:
-        raise model_not_found(body.model)
-    note_model(body.model)
+        raise model_not_found(name)
+    note_model(name)
     return served
+
+
+def _tokenizer_model(request: Request, name: str | None) -> ServedModel:
+    """The model a tokenizer request names; naming none is fine when there is only one (vLLM's
+    `model` is optional there, and lm-eval's remote tokenizer sends none)."""
+    if name is None:
+        names = list(_registry(request).models)
+        if len(names) != 1:
+            raise invalid_request("model is required: this server serves several models", "model")
+        name = names[0]
+    return _named(request, name)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise invalid_request("Could not parse the request body as JSON.") from None
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -117,6 +148,32 @@ async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     if _registry(request).get(model_id) is None:
         raise model_not_found(model_id)
     return _card(request, model_id).model_dump()
+
+
+async def _tokenizer_answer(request: Request, name: str | None, endpoint: TokenizerEndpoint,
+                            body: dict[str, Any] | None) -> JSONResponse:
+    served = _tokenizer_model(request, name)
+    return JSONResponse(await ask_tokenizer(served, endpoint, body))
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> JSONResponse:
+    raw = await _json_body(request)
+    body = parse_request(tokenize_request_type(raw), raw)
+    # What the client sent goes on, unknown fields too, for the upstream to judge.
+    return await _tokenizer_answer(request, body.model, "tokenize", body.model_dump(exclude_unset=True))
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> JSONResponse:
+    body = parse_request(DetokenizeRequest, await _json_body(request))
+    return await _tokenizer_answer(request, body.model, "detokenize", body.model_dump(exclude_unset=True))
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request, model: str | None = None) -> JSONResponse:
+    # vLLM's takes no model (it serves one); here `?model=` picks the model.
+    return await _tokenizer_answer(request, model, "tokenizer_info", None)
 
 
 @router.get("/health")
