@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 
 from nudging_core.errors import APIError, endpoint_not_served, upstream_failure
 from nudging_core.registry import ServedModel
+from nudging_core.types import Role
 from nudging_core.upstream import UpstreamClient, UpstreamError
 
 TokenizerEndpoint = Literal["tokenize", "detokenize", "tokenizer_info"]
@@ -24,8 +25,8 @@ _HINTS: Final[dict[TokenizerEndpoint, str]] = {
 
 def tokenizer_upstream(served: ServedModel) -> UpstreamClient:
     """The upstream whose tokenizer reads the model's prompts."""
-    replicas = served.replicas.get("base") or served.replicas["nudging"]
-    return replicas.pick()
+    role: Role = "base" if "base" in served.replicas else "nudging"
+    return served.replicas[role].pick()
 
 
 def _failure(endpoint: TokenizerEndpoint, error: UpstreamError) -> APIError:
