@@ -108,9 +108,9 @@ class _SamplingRequest(OpenAIRequestModel):
 
     # Known OpenAI fields a nudged model cannot honour; see `unsupported_fields`.
     UNSUPPORTED_FOR_NUDGING: ClassVar[tuple[str, ...]] = ()
-    # vLLM's own sampling fields (both endpoints), kept as extra fields for passthrough models:
-    # a nudged generation samples with temperature, top_p and seed only.
-    VLLM_SAMPLING_FIELDS: ClassVar[tuple[str, ...]] = (
+    # vLLM's own fields a nudged model cannot honour, kept as extra fields for passthrough
+    # models: a nudged generation samples with temperature, top_p and seed only.
+    VLLM_FIELDS: ClassVar[tuple[str, ...]] = (
         "use_beam_search",
         "top_k",
         "min_p",
@@ -251,6 +251,15 @@ class ChatCompletionRequest(_SamplingRequest):
         "reasoning_effort",
     )
 
+    # vLLM's chat fields: a nudged model renders the chat with its configured template.
+    VLLM_FIELDS: ClassVar[tuple[str, ...]] = _SamplingRequest.VLLM_FIELDS + (
+        "echo",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "chat_template_kwargs",
+    )
+
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` wins over the deprecated `max_tokens`, as in vLLM."""
         if self.max_completion_tokens is not None:
@@ -279,6 +288,7 @@ _NOOP: Final[Mapping[tuple[type[BaseModel], str], Callable[[Any], bool]]] = {
     (ChatCompletionRequest, "function_call"): lambda v: v in (None, "none", "auto"),
     (ChatCompletionRequest, "response_format"): lambda v: v is None or v == {"type": "text"},
     (ChatCompletionRequest, "modalities"): lambda v: v is None or v == ["text"],
+    (ChatCompletionRequest, "add_generation_prompt"): lambda v: v is None or v is True,
 }
 # vLLM's sampling fields whose defaults the generic rule does not know (both endpoints).
 _VLLM_NOOP: Final[Mapping[str, Callable[[Any], bool]]] = {
@@ -293,7 +303,7 @@ _VLLM_NOOP: Final[Mapping[str, Callable[[Any], bool]]] = {
 def unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> list[str]:
     """The known fields of `request` that ask for something a nudged model cannot do."""
     found: list[str] = []
-    for name in request.UNSUPPORTED_FOR_NUDGING + request.VLLM_SAMPLING_FIELDS:
+    for name in request.UNSUPPORTED_FOR_NUDGING + request.VLLM_FIELDS:
         is_noop = _NOOP.get((type(request), name)) or _VLLM_NOOP.get(name, _generic_noop)
         # vLLM's fields are extra fields: absent unless the client sent them.
         if not is_noop(getattr(request, name, None)):

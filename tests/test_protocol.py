@@ -243,6 +243,12 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
         ({"top_k": 0, "repetition_penalty": None, "skip_special_tokens": False}, []),
         ({"repetition_penalty": 1.2, "ignore_eos": True}, ["repetition_penalty", "ignore_eos"]),
         ({"bad_words": ["x"], "allowed_token_ids": [1, 2]}, ["allowed_token_ids", "bad_words"]),
+        # vLLM's chat fields: the nudged model renders its own configured template.
+        ({"add_generation_prompt": True, "continue_final_message": False, "echo": False}, []),
+        ({"add_generation_prompt": False, "chat_template": "{{ x }}"},
+         ["add_generation_prompt", "chat_template"]),
+        ({"continue_final_message": True, "chat_template_kwargs": {"enable_thinking": False}, "echo": True},
+         ["echo", "continue_final_message", "chat_template_kwargs"]),
     ],
 )
 def test_unsupported_chat_fields(patch: dict[str, Any], expected: list[str]) -> None:
