@@ -147,6 +147,16 @@ def upstream_failure(error: UpstreamError) -> APIError:
     return upstream_unavailable(error.role, message, status_code=502)
 
 
+def endpoint_not_served(path: str, error: UpstreamError, hint: str = "") -> APIError:
+    """The upstream has no `path` (it answered 404 or 405 there): a 501 that says so."""
+    return APIError(
+        501,
+        f"The {error.role} model's server does not serve {path}{hint} ({scrub_urls(error.message)}).",
+        type=UPSTREAM_ERROR,
+        code="not_implemented",
+    )
+
+
 def upstream_error_body(error: UpstreamError) -> dict[str, dict[str, Any]]:
     """The SSE error event for an upstream failure after a stream has started."""
     return upstream_failure(error).to_dict()

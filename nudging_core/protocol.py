@@ -108,6 +108,29 @@ class _SamplingRequest(OpenAIRequestModel):
 
     # Known OpenAI fields a nudged model cannot honour; see `unsupported_fields`.
     UNSUPPORTED_FOR_NUDGING: ClassVar[tuple[str, ...]] = ()
+    # vLLM's own fields a nudged model cannot honour, kept as extra fields for passthrough
+    # models: a nudged generation samples with temperature, top_p and seed only.
+    VLLM_FIELDS: ClassVar[tuple[str, ...]] = (
+        "use_beam_search",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "length_penalty",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "min_tokens",
+        "truncate_prompt_tokens",
+        "allowed_token_ids",
+        "bad_words",
+        "prompt_logprobs",
+        "logits_processors",
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    )
 
     @field_validator("stream_options")
     @classmethod
@@ -230,6 +253,15 @@ class ChatCompletionRequest(_SamplingRequest):
         "reasoning_effort",
     )
 
+    # vLLM's chat fields: a nudged model renders the chat with its configured template.
+    VLLM_FIELDS: ClassVar[tuple[str, ...]] = _SamplingRequest.VLLM_FIELDS + (
+        "echo",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "chat_template_kwargs",
+    )
+
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` wins over the deprecated `max_tokens`, as in vLLM."""
         if self.max_completion_tokens is not None:
@@ -258,17 +290,63 @@ _NOOP: Final[Mapping[tuple[type[BaseModel], str], Callable[[Any], bool]]] = {
     (ChatCompletionRequest, "function_call"): lambda v: v in (None, "none", "auto"),
     (ChatCompletionRequest, "response_format"): lambda v: v is None or v == {"type": "text"},
     (ChatCompletionRequest, "modalities"): lambda v: v is None or v == ["text"],
+    (ChatCompletionRequest, "add_generation_prompt"): lambda v: v is None or v is True,
+}
+# vLLM's sampling fields whose defaults the generic rule does not know (both endpoints).
+_VLLM_NOOP: Final[Mapping[str, Callable[[Any], bool]]] = {
+    "top_k": lambda v: v is None or v in (0, -1),  # vLLM: 0 and -1 both mean "all tokens"
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "length_penalty": lambda v: v is None or v == 1,
+    # prompt_logprobs=0 asks for the prompt tokens' own logprobs: a real request.
+    "prompt_logprobs": lambda v: v is None,
 }
 
 
 def unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> list[str]:
     """The known fields of `request` that ask for something a nudged model cannot do."""
     found: list[str] = []
-    for name in request.UNSUPPORTED_FOR_NUDGING:
-        is_noop = _NOOP.get((type(request), name), _generic_noop)
-        if not is_noop(getattr(request, name)):
+    for name in request.UNSUPPORTED_FOR_NUDGING + request.VLLM_FIELDS:
+        is_noop = _NOOP.get((type(request), name)) or _VLLM_NOOP.get(name, _generic_noop)
+        # vLLM's fields are extra fields: absent unless the client sent them.
+        if not is_noop(getattr(request, name, None)):
             found.append(name)
     return found
+
+
+# --- Tokenizer requests (vLLM's /tokenize and /detokenize) ---------------------------------
+#
+# `model` is optional, as in vLLM: a proxy serving one model knows which tokenizer is meant.
+# Fields follow vLLM's; unknown ones are kept and forwarded, as the upstream may know them.
+
+
+class TokenizeCompletionRequest(OpenAIRequestModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIRequestModel):
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # The chat template writes the special tokens itself.
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(OpenAIRequestModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+def tokenize_request_type(body: Any) -> type[TokenizeCompletionRequest | TokenizeChatRequest]:
+    """vLLM's form of a /tokenize body: the chat form when it has `messages`."""
+    return TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeCompletionRequest
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -396,6 +474,8 @@ class CompletionStreamResponse(CompletionResponse):
 class ChatCompletionMessage(_ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # OpenAI's schema requires the key on a whole message (a stream's deltas may leave it out).
+    refusal: str | None = None
 
 
 class ChatCompletionChoice(_Choice):
@@ -469,15 +549,19 @@ __all__ = [
     "CompletionStreamResponse",
     "ContentPart",
     "DeltaMessage",
+    "DetokenizeRequest",
     "ModelCard",
     "ModelList",
     "NudgingOptions",
     "NudgingReport",
     "Span",
     "StreamOptions",
+    "TokenizeChatRequest",
+    "TokenizeCompletionRequest",
     "UsageInfo",
     "new_chat_completion_id",
     "new_completion_id",
     "parse_request",
+    "tokenize_request_type",
     "unsupported_fields",
 ]

@@ -23,7 +23,8 @@ from .metrics import Metrics
 
 # Metric label for any other path, so random URLs cannot grow the label set.
 KNOWN_ENDPOINTS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"}
+    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+     "/health", "/ready", "/metrics"}
 )
 
 

@@ -96,6 +96,8 @@ class Shape(ABC):
 
     model: str
     with_provenance: bool
+    # A stream that ends with a usage chunk: every chunk before it says `"usage": null`.
+    include_usage: bool = False
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -124,6 +126,11 @@ class Shape(ABC):
     def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         """A stream chunk with `choices` (and `usage` only when given: the key is left out
         of the other chunks)."""
+
+    def _chunk_body(self, choices: list[Any]) -> dict[str, Any]:
+        """A chunk before the usage chunk: OpenAI sends `"usage": null` there when the client
+        asked for usage, and no `usage` key otherwise."""
+        return self._stream_body(choices, usage=None) if self.include_usage else self._stream_body(choices)
 
     def usage_chunk(self, usage: UsageEvent) -> dict[str, Any]:
         return self._stream_body([], usage=usage_info(usage), system_fingerprint=usage.system_fingerprint)
@@ -193,7 +200,7 @@ class ChatShape(Shape):
             index=index, delta=delta, finish_reason=finish_reason, nudging=report, logprobs=logprobs,
             **({"stop_reason": stop_reason} if finish_reason is not None else {}),
         )
-        return self._stream_body([choice])
+        return self._chunk_body([choice])
 
     def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         return ChatCompletionStreamResponse(
@@ -234,7 +241,7 @@ class TextShape(Shape):
             index=index, text=text or "", finish_reason=finish_reason, nudging=report, logprobs=logprobs,
             stop_reason=stop_reason,
         )
-        return self._stream_body([choice])
+        return self._chunk_body([choice])
 
     def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         return CompletionStreamResponse(

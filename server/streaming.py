@@ -24,7 +24,6 @@ def _data(payload: dict[str, Any] | str) -> dict[str, str]:
 
 async def _chunks(
     shape: Shape, indexes: list[int], first: Event | None, events: AsyncGenerator[Event, None],
-    include_usage: bool,
 ) -> AsyncIterator[dict[str, str]]:
     async with aclosing(events):
         for chunk in shape.opening_chunks(indexes):
@@ -42,13 +41,13 @@ async def _chunks(
             elif isinstance(event, PieceEvent):
                 if event.piece.text or event.piece.logprobs:
                     yield _data(shape.text_chunk(event.choice.index, event.piece))
-            elif isinstance(event, UsageEvent) and include_usage:
+            elif isinstance(event, UsageEvent) and shape.include_usage:
                 yield _data(shape.usage_chunk(event))
         yield _data("[DONE]")
 
 
 async def stream_response(
-    shape: Shape, indexes: list[int], events: AsyncGenerator[Event, None], include_usage: bool
+    shape: Shape, indexes: list[int], events: AsyncGenerator[Event, None]
 ) -> EventSourceResponse:
     """Start the stream once the first event is known; an error before it raises."""
     try:
@@ -59,4 +58,4 @@ async def stream_response(
     if isinstance(first, ErrorEvent):
         await events.aclose()
         raise first.error
-    return EventSourceResponse(_chunks(shape, indexes, first, events, include_usage), sep="\n", ping=15)
+    return EventSourceResponse(_chunks(shape, indexes, first, events), sep="\n", ping=15)

@@ -37,6 +37,7 @@ def test_chat_completion_shape_and_provenance(proxy: str) -> None:
     assert choice["message"] == {
         "role": "assistant",
         "content": "Sure! The sky is blue because of light. Bye",
+        "refusal": None,  # OpenAI's schema requires the key
     }
     assert choice["finish_reason"] == "stop"
     report = choice["nudging"]
@@ -45,6 +46,15 @@ def test_chat_completion_shape_and_provenance(proxy: str) -> None:
     assert report["stop_reason"] == "nudging_model_stop"
     assert body["usage"]["completion_tokens"] == report["tokens"]["base"] + report["tokens"]["nudging"]
     assert body["usage"]["prompt_tokens"] == len(BASE_PROMPT)  # the scripted tokenizer counts characters
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_without_usage_has_no_usage_key(proxy: str, endpoint: str) -> None:
+    body = chat_body() if "chat" in endpoint else {"model": "nudged", "prompt": BASE_PROMPT,
+                                                   "nudging": {"nudging_prompt": NUDGER_PROMPT}}
+    with httpx.stream("POST", proxy + endpoint, json={**body, "stream": True}) as response:
+        chunks = sse_events(response)[:-1]
+    assert chunks and all("usage" not in chunk for chunk in chunks)
 
 
 def test_provenance_only_when_asked(proxy: str) -> None:
@@ -67,6 +77,8 @@ def test_stream_matches_non_stream(proxy: str, endpoint: str) -> None:
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
     content = chunks[:-1]
+    # Asked for usage: every chunk before the usage chunk says `"usage": null`, as OpenAI's do.
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in content)
     assert content[-1]["choices"][0]["finish_reason"] == "stop"
     assert all(c["choices"][0]["finish_reason"] is None for c in content[:-1])
     if "chat" in endpoint:
@@ -139,14 +151,21 @@ def test_passthrough_models(proxy: str) -> None:
 
 
 @pytest.mark.parametrize("combined", ["nudged", "ensemble"])
-def test_passthrough_forwards_fields_a_combining_model_rejects(proxy: str, combined: str) -> None:
+@pytest.mark.parametrize(("name", "value"), [
+    ("logit_bias", {"1": 5}), ("ignore_eos", True), ("min_tokens", 2), ("repetition_penalty", 1.2),
+    ("frequency_penalty", 0.5), ("top_k", 5),
+])
+def test_passthrough_forwards_fields_a_combining_model_rejects(
+    proxy: str, combined: str, name: str, value: Any
+) -> None:
     response = httpx.post(proxy + "/v1/completions",
-                          json={"model": "base-only", "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+                          json={"model": "base-only", "prompt": BASE_PROMPT, name: value})
     assert response.status_code == 200
     response = httpx.post(proxy + "/v1/completions",
-                          json={"model": combined, "prompt": BASE_PROMPT, "logit_bias": {"1": 5}})
+                          json={"model": combined, "prompt": BASE_PROMPT, name: value})
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "logit_bias"
+    assert response.json()["error"]["param"] == name
+    assert name in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -222,6 +241,18 @@ def test_models_health_ready(proxy: str) -> None:
     assert httpx.get(proxy + "/health").json() == {"status": "ok"}
     ready = httpx.get(proxy + "/ready")
     assert ready.status_code == 200 and all(ready.json()["upstreams"].values())
+
+
+def test_a_model_named_with_a_slash_is_retrieved() -> None:
+    config = parse_config({"models": [
+        {"name": "org/model", "method": "base_only",
+         "base": {"url": "http://127.0.0.1:9/v1", "model": "b"}}]})
+    with running(create_app(config)) as proxy_url:
+        card = httpx.get(proxy_url + "/v1/models/org/model").json()
+        assert card["id"] == "org/model" and card["object"] == "model"
+        assert httpx.get(proxy_url + "/v1/models/org%2Fmodel").json() == card
+        missing = httpx.get(proxy_url + "/v1/models/org/other")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_upstream_down_is_a_clear_5xx() -> None:

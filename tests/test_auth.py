@@ -61,6 +61,18 @@ def test_file_keys_alone(key_file: str) -> None:
         assert httpx.get(url + "/v1/models", headers=bearer("file-key-2")).status_code == 200
 
 
+def test_keys_guard_the_tokenizer_endpoints_and_one_model(key_file: str) -> None:
+    with proxy(api_keys_file=key_file) as url:
+        assert httpx.get(url + "/v1/models/a").status_code == 401
+        assert httpx.get(url + "/v1/models/a", headers=bearer("file-key-1")).status_code == 200
+        assert httpx.get(url + "/tokenizer_info").status_code == 401
+        assert httpx.post(url + "/tokenize", json={"prompt": "x"}).status_code == 401
+        assert httpx.post(url + "/detokenize", json={"tokens": [1]}).status_code == 401
+        # Past the key check, the upstream is down.
+        tokenized = httpx.post(url + "/tokenize", json={"prompt": "x"}, headers=bearer("file-key-1"))
+        assert tokenized.status_code == 502
+
+
 def test_missing_key_file_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="server.api_keys_file"):
         parse_config({"server": {"api_keys_file": str(tmp_path / "none")}, "models": MODELS})

@@ -34,6 +34,17 @@ def test_sync_chat_and_completion(proxy: str) -> None:
     ]
 
 
+def test_retrieve_one_model(proxy: str) -> None:
+    sdk = client(proxy)
+    model = sdk.models.retrieve("aligned-only")
+    assert (model.id, model.object) == ("aligned-only", "model")
+    assert model == next(m for m in sdk.models.list() if m.id == "aligned-only")
+    with pytest.raises(openai.NotFoundError) as raised:
+        sdk.models.retrieve("nope")
+    assert raised.value.code == "model_not_found"
+    assert isinstance(raised.value.body, dict) and raised.value.body["param"] == "model"
+
+
 def test_sync_streaming(proxy: str) -> None:
     sdk = client(proxy)
     stream = sdk.chat.completions.create(model="nudged", messages=MESSAGES, stream=True)

@@ -208,6 +208,14 @@ def test_body_must_be_an_object() -> None:
         ({"best_of": 3, "suffix": "end", "logit_bias": {"50256": -100}}, ["suffix", "best_of", "logit_bias"]),
         ({"presence_penalty": 0.0, "frequency_penalty": 0}, []),
         ({"presence_penalty": 0.5, "frequency_penalty": -1}, ["presence_penalty", "frequency_penalty"]),
+        # vLLM's sampling fields, at their defaults and not.
+        ({"top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "length_penalty": 1, "ignore_eos": False,
+          "min_tokens": 0, "stop_token_ids": [], "use_beam_search": False, "prompt_logprobs": None}, []),
+        ({"ignore_eos": True, "min_tokens": 5}, ["ignore_eos", "min_tokens"]),
+        ({"top_k": 40, "min_p": 0.1, "repetition_penalty": 1.1}, ["top_k", "min_p", "repetition_penalty"]),
+        ({"prompt_logprobs": 0, "stop_token_ids": [2]}, ["stop_token_ids", "prompt_logprobs"]),
+        ({"structured_outputs": {"regex": "a+"}, "guided_json": {"type": "object"}},
+         ["structured_outputs", "guided_json"]),
     ],
 )
 def test_unsupported_completion_fields(patch: dict[str, Any], expected: list[str]) -> None:
@@ -232,6 +240,15 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
         ({"prediction": {"type": "content", "content": "x"}}, ["prediction"]),
         ({"reasoning_effort": "low"}, ["reasoning_effort"]),
         ({"parallel_tool_calls": True, "store": True}, []),
+        ({"top_k": 0, "repetition_penalty": None, "skip_special_tokens": False}, []),
+        ({"repetition_penalty": 1.2, "ignore_eos": True}, ["repetition_penalty", "ignore_eos"]),
+        ({"bad_words": ["x"], "allowed_token_ids": [1, 2]}, ["allowed_token_ids", "bad_words"]),
+        # vLLM's chat fields: the nudged model renders its own configured template.
+        ({"add_generation_prompt": True, "continue_final_message": False, "echo": False}, []),
+        ({"add_generation_prompt": False, "chat_template": "{{ x }}"},
+         ["add_generation_prompt", "chat_template"]),
+        ({"continue_final_message": True, "chat_template_kwargs": {"enable_thinking": False}, "echo": True},
+         ["echo", "continue_final_message", "chat_template_kwargs"]),
     ],
 )
 def test_unsupported_chat_fields(patch: dict[str, Any], expected: list[str]) -> None:
@@ -280,7 +297,7 @@ def test_chat_response_with_nudging_report() -> None:
     data = response.model_dump()
     assert data["object"] == "chat.completion"
     choice = data["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "Sure, here."}
+    assert choice["message"] == {"role": "assistant", "content": "Sure, here.", "refusal": None}
     assert choice["logprobs"] is None
     assert choice["nudging"]["spans"] == [
         {"text": "Sure", "source": "nudging"},

@@ -20,7 +20,7 @@ from upstreams.simulator.app import add_arguments, create_app, latency_from_args
 from upstreams.simulator.documents import EOS, content_for, features_of
 from upstreams.simulator.latency import LatencyModel, PrefixCache
 from upstreams.simulator.model import LanguageModel, split
-from upstreams.simulator.tokenizer import tokenize
+from upstreams.simulator.tokenizer import count_tokens, tokenize
 
 from .servers import running
 
@@ -699,3 +699,47 @@ def test_cli_hooks(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--profile", "base", "--latency", "speed=3"])
     assert "bad latency setting 'speed=3'" in capsys.readouterr().err
+
+
+def recorded_json(name: str) -> Any:
+    """A body recorded from vLLM 0.32 (without curl's trailing `HTTP nnn` line)."""
+    return json.loads((FIXTURES / name).read_text().split("\nHTTP ")[0])
+
+
+async def test_tokenizer_endpoints_in_vllm_shapes(aligned: httpx.AsyncClient) -> None:
+    # The same keys vLLM 0.32 answers with (tokenize_messages_with_template.json, detokenize_*).
+    prompt = "Hi there, \U0001f496 friend!\n"
+    tokenized = (await aligned.post("/tokenize", json={"model": "aligned", "prompt": prompt,
+                                                       "add_special_tokens": False})).json()
+    assert tokenized.keys() == recorded_json("tokenize_messages_with_template.json").keys()
+    assert tokenized["count"] == len(tokenized["tokens"]) == count_tokens(prompt)
+    assert tokenized["token_strs"] is None and tokenized["max_model_len"] == 4096
+    assert all(isinstance(token, int) and token > 0 for token in tokenized["tokens"])
+    with_strs = (await aligned.post("/tokenize", json={"prompt": prompt, "return_token_strs": True})).json()
+    assert with_strs["tokens"] == tokenized["tokens"] and "".join(with_strs["token_strs"]) == prompt
+    detokenized = (await aligned.post("/detokenize", json={"tokens": tokenized["tokens"]})).json()
+    assert detokenized.keys() == recorded_json("detokenize_messages_with_template.json").keys()
+    assert detokenized == {"prompt": prompt}
+    # Each profile has the same tokenizer.
+    async with client_for(create_app("base", time_scale=0.0)) as base_client:
+        assert (await base_client.post("/tokenize", json={"prompt": prompt})).json()["tokens"] == \
+            tokenized["tokens"]
+
+
+async def test_tokenizer_endpoints_refuse_as_vllm(aligned: httpx.AsyncClient) -> None:
+    # A chat: what vLLM 0.32 answers for a model without a chat template (the recorded Gemma base).
+    chat = await aligned.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.status_code == 400
+    assert chat.json() == recorded_json("tokenize_messages_genprompt.json")
+    unknown = await aligned.post("/detokenize", json={"model": "other", "tokens": [1]})
+    assert unknown.status_code == 404
+    bad = await aligned.post("/detokenize", json={"tokens": [0xFF]})
+    assert bad.status_code == 400 and "255" in bad.json()["error"]["message"]
+    assert (await aligned.post("/detokenize", json={"tokens": "x"})).status_code == 400
+
+
+async def test_tokenizer_info(aligned: httpx.AsyncClient) -> None:
+    info = (await aligned.get("/tokenizer_info")).json()
+    # lm-eval's remote tokenizer needs the `eos_token` key; vLLM always sends tokenizer_class.
+    assert info["tokenizer_class"] == "SimulatorTokenizer" and "eos_token" in info
+    assert info["model_max_length"] == 4096

@@ -318,6 +318,11 @@ class UpstreamClient:
         except UpstreamError:
             return None
 
+    async def forward(self, path: str, body: dict[str, Any] | None) -> Any:
+        """The upstream's JSON answer at `path` beside its API root (vLLM's `/tokenize`, say):
+        `body` POSTed, or a GET without one."""
+        return await self._json(Request(f"../{path}", body), "GET" if body is None else "POST")
+
     async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
         """The chat rendered by the upstream's own template, if it can render one."""
         dialect = await self.dialect()

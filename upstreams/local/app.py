@@ -38,7 +38,9 @@ from ..openai_api import (
     DEFAULT_MAX_LOGPROBS,
     SSE_DONE,
     ApiError,
+    DetokenizeRequest,
     Reply,
+    TokenizeRequest,
     check_model,
     logprobs_block,
     parse_body,
@@ -49,7 +51,7 @@ from ..openai_server import EventStream, add_common_routes, add_error_handlers, 
 from .chat import ChatTemplate
 from .defaults import DEFAULT_CTX
 from .generation import Outcome, Step
-from .protocol import LOCAL, DetokenizeRequest, LocalRequest, TokenizeRequest
+from .protocol import LOCAL, LocalRequest
 from .weights import MissingModelError
 from .worker import Job, Worker
 

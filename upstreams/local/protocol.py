@@ -1,11 +1,6 @@
-"""What the local upstream adds to the shared completions protocol: its wording, its prompts
-and vLLM's ``/tokenize`` and ``/detokenize`` requests."""
+"""What the local upstream adds to the shared completions protocol: its wording and its prompts."""
 
 from __future__ import annotations
-
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict
 
 from ..openai_api import ApiError, CompletionRequest, Dialect
 
@@ -29,24 +24,3 @@ class LocalRequest(CompletionRequest[str | list[str]]):
             raise ApiError(f"this server takes one prompt per request; got {len(self.prompt)}",
                            param="prompt")
         return self.prompt[0]
-
-
-class TokenizeRequest(BaseModel):
-    """vLLM's ``POST /tokenize``: a prompt, or chat messages rendered by the chat template."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    tokens: list[int]

@@ -1,6 +1,8 @@
 """The simulated upstream as a web server speaking vLLM's OpenAI-compatible completions API.
 
 Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``GET /v1/models``, ``GET /health``,
+vLLM's ``POST /tokenize`` (a prompt; chat ``messages`` get vLLM's no-chat-template 400),
+``POST /detokenize`` and ``GET /tokenizer_info`` (see :mod:`.tokenizer` for the token ids),
 ``GET /stats`` and ``POST /stats/reset`` (counters for tests and benchmarks), ``GET /faults``
 and ``POST /faults`` (``{"faults": SPEC}``: the fault spec in force, see :mod:`.faults`).
 
@@ -37,10 +39,13 @@ from ..openai_api import (
     DEFAULT_MAX_LOGPROBS,
     SSE_DONE,
     ApiError,
+    DetokenizeRequest,
     Reply,
+    TokenizeRequest,
     check_model,
     context_length_error,
     logprobs_block,
+    parse_body,
     parse_completion_request,
 )
 from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
@@ -60,7 +65,11 @@ from .faults import (
 from .latency import PROFILE_DEFAULTS, LatencyModel
 from .model import LanguageModel, logprob
 from .protocol import SIMULATOR, SimulatorRequest
-from .tokenizer import reported_tokens
+from .tokenizer import reported_tokens, token_id, token_text
+
+# vLLM 0.32's answer to a chat for /tokenize when the model has no chat template.
+NO_CHAT_TEMPLATE = ("As of transformers v4.44, default chat template is no longer allowed, so you must "
+                    "provide a chat template if the tokenizer does not define one.")
 
 
 def default_model_name(profile: str) -> str:
@@ -133,22 +142,46 @@ def create_app(
 
     @app.post("/tokenize", response_model=None)
     async def tokenize_prompt(request: Request) -> Response | dict[str, Any]:
-        # vLLM's /tokenize (at the server root); token ids do not exist here, so the
-        # token strings stand in for them.
+        # vLLM's /tokenize (at the server root), in its completions form; the simulated models
+        # have no chat template, so the chat form gets vLLM's answer for such a model.
         try:
-            body = await read_json(request)
+            body = parse_body(TokenizeRequest, await read_json(request))
         except ClientDisconnect:
             return Response(status_code=499)  # nobody is listening any more
-        prompt = body.get("prompt") if isinstance(body, dict) else None
-        if not isinstance(prompt, str):
-            raise ApiError("prompt must be a string")
-        fault = injector.pick("tokenize", prompt)
+        check_model(body.model, name, SIMULATOR)
+        if body.messages is not None:
+            raise ApiError(NO_CHAT_TEMPLATE)
+        if body.prompt is None:
+            raise ApiError("either prompt or messages is required")
+        fault = injector.pick("tokenize", body.prompt)
         if fault is not None:
             answer = await whole_answer_fault(fault, request, engine.stats)
             if answer is not None:
                 return answer
-        tokens = reported_tokens(prompt)
-        return {"count": len(tokens), "max_model_len": max_model_len, "token_strs": tokens}
+        # No special tokens: `add_special_tokens` changes nothing.
+        tokens = reported_tokens(body.prompt)
+        return {"count": len(tokens), "max_model_len": max_model_len,
+                "tokens": [token_id(token) for token in tokens],
+                "token_strs": tokens if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = parse_body(DetokenizeRequest, await read_json(request))
+        check_model(body.model, name, SIMULATOR)
+        texts = [token_text(token) for token in body.tokens]
+        unknown = [token for token, text in zip(body.tokens, texts, strict=True) if text is None]
+        if unknown:
+            raise ApiError(f"token id {unknown[0]} is out of vocabulary")
+        return {"prompt": "".join(text or "" for text in texts)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        # vLLM's (served there with --enable-tokenizer-info-endpoint): the tokenizer's
+        # tokenizer_config.json. The simulated tokenizer has no special tokens.
+        return {"tokenizer_class": "SimulatorTokenizer", "model_max_length": max_model_len,
+                "add_bos_token": False, "add_eos_token": False, "bos_token": None,
+                "eos_token": None, "pad_token": None, "unk_token": None,
+                "clean_up_tokenization_spaces": False}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:

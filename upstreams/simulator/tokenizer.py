@@ -16,6 +16,11 @@ depends only on the character right after it, so appending text can change only 
 of a text. The model uses :func:`can_follow` to emit only tokens that keep the earlier tokens
 intact, which makes its output re-tokenize stably.
 
+Token ids (vLLM's ``/tokenize`` and ``/detokenize``) need no vocabulary: a token's id is its
+UTF-8 bytes read as one big-endian number behind a leading 0x01 byte (so ``""`` is 1 and no two
+tokens share an id). Every text has ids and they turn back into it; a long token's id is a
+large number (beyond 64 bits from eight bytes on).
+
 What the server reports is finer for characters outside the Basic Multilingual Plane (emoji):
 a byte-level BPE model writes such a character as several byte tokens, and vLLM 0.32 sends ""
 for each one that does not complete it and the whole token's text on the one that does.
@@ -55,6 +60,27 @@ def pieces(token: str) -> list[str]:
 def reported_tokens(text: str) -> list[str]:
     """`text` as the server's tokenizer reports it: :func:`tokenize`, with split characters."""
     return [piece for token in tokenize(text) for piece in pieces(token)]
+
+
+_ID_MARK: Final = b"\x01"
+
+
+def token_id(token: str) -> int:
+    """The id of a reported token (see the module's docstring)."""
+    return int.from_bytes(_ID_MARK + token.encode("utf-8"), "big")
+
+
+def token_text(token: int) -> str | None:
+    """The token an id stands for, or None if no token has that id."""
+    if token < 1:
+        return None
+    data = token.to_bytes((token.bit_length() + 7) // 8, "big")
+    if not data.startswith(_ID_MARK):
+        return None
+    try:
+        return data[1:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def is_word_char(char: str) -> bool:
