@@ -1,6 +1,7 @@
 """The simulated upstream as a web server speaking vLLM's OpenAI-compatible completions API.
 
 Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``GET /v1/models``, ``GET /health``,
+``POST /tokenize`` and ``POST /detokenize`` (a token id is a code point),
 ``GET /stats`` and ``POST /stats/reset`` (counters for tests and benchmarks), ``GET /faults``
 and ``POST /faults`` (``{"faults": SPEC}``: the fault spec in force, see :mod:`.faults`).
 
@@ -149,6 +150,20 @@ def create_app(
                 return answer
         tokens = reported_tokens(prompt)
         return {"count": len(tokens), "max_model_len": max_model_len, "token_strs": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        # vLLM's /detokenize (`{"model", "tokens"}` -> `{"prompt"}`); the simulator has no
+        # vocabulary, so a token id stands for the character of that code point.
+        body = await read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(
+            type(token) is int and 0 <= token <= 0x10FFFF and not 0xD800 <= token <= 0xDFFF
+            for token in tokens
+        ):
+            raise ApiError("tokens must be a list of token ids (unicode code points)")
+        check_model(body.get("model"), name, SIMULATOR)
+        return {"prompt": "".join(map(chr, tokens))}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
