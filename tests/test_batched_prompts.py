@@ -115,6 +115,16 @@ def test_a_batch_answers_each_prompt_as_alone_indexed_prompt_times_n(stack: Stac
 
 
 @pytest.mark.parametrize("model", ["nudged", "base-only"])
+def test_a_sampled_batch_gives_each_prompt_its_answers_for_the_seed(stack: Stack, model: str) -> None:
+    sampled = {"n": 2, "seed": 7, "temperature": 1.0, "max_tokens": 24}
+    alone = [answer(stack, model=model, prompt=prompt, **sampled) for prompt in PROMPTS]
+    batch = answer(stack, model=model, prompt=PROMPTS, **sampled)
+    expected = [choice["text"] for single in alone for choice in single["choices"]]
+    assert [choice["text"] for choice in batch["choices"]] == expected
+    assert expected[0] != expected[1]  # the choices of one prompt differ
+
+
+@pytest.mark.parametrize("model", ["nudged", "base-only"])
 def test_a_streamed_batch_carries_each_index_and_the_summed_usage(stack: Stack, model: str) -> None:
     whole = answer(stack, model=model, prompt=PROMPTS, n=2)
     texts, finishes, usages = streamed(stack, model=model, prompt=PROMPTS, n=2)
