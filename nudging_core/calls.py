@@ -38,7 +38,7 @@ class RoleCaller:
 
     def call(
         self,
-        prompt: str,
+        prompt: str | list[int],
         max_tokens: int,
         *,
         round_index: int,

@@ -178,9 +178,15 @@ class LimitsConfig(Strict):
     max_messages: int = Field(512, ge=1)
     max_message_chars: int = Field(200_000, ge=1, description="text of one chat message")
     max_prompt_chars: int = Field(
-        500_000, ge=1, description="a completions prompt, a nudging_prompt, or all chat messages together"
+        500_000, ge=1,
+        description="a completions prompt (a batch's together, a token id counting one), a nudging_prompt, "
+                    "or all chat messages together",
     )
     max_n: int = Field(16, ge=1)
+    max_prompts: int = Field(64, ge=1, description="prompts in one batched completions request")
+    max_choices: int = Field(
+        64, ge=1, description="generations of one request: its prompts times n (each runs concurrently)"
+    )
     max_stop: int = Field(4, ge=1, description="stop strings per request (OpenAI allows 4)")
     max_stop_chars: int = Field(256, ge=1, description="length of one stop string")
 

@@ -28,9 +28,12 @@ class GenerationRequest:
     max_tokens: int
     base_prompt: str = ""
     nudging_prompt: str = ""
+    # The client's token-id prompt, which a passthrough sends in place of its prompt text.
+    prompt_token_ids: tuple[int, ...] | None = None
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = SamplingParams()
     params: NudgingParams = NudgingParams()
+    # Among the choices of its prompt (seeds derive from it; choice 0 measures the prompt).
     choice_index: int = 0
     # Fields a passthrough method forwards to its upstream unchanged.
     passthrough_fields: dict[str, Any] = field(default_factory=dict)
@@ -62,7 +65,7 @@ class Generation:
         method = METHODS[self.request.method]
         prompt_role = method.prompt_role
         counting = None
-        # All choices of a request share the prompt; the first one measures it.
+        # All choices of a prompt share it; the first one measures it.
         if not method.reports_prompt_tokens and self.request.choice_index == 0:
             counting = asyncio.create_task(self._clients["base"].count_tokens(self.request.base_prompt))
         try:
@@ -125,6 +128,7 @@ class Generation:
             callers={role: self._caller(role) for role in self._clients},
             base_prompt=request.base_prompt,
             nudging_prompt=request.nudging_prompt,
+            prompt_token_ids=request.prompt_token_ids,
             params=request.params,
             budget=Budget(request.max_tokens),
             stats=self.stats,

@@ -31,6 +31,7 @@ class MethodInput:
     budget: Budget
     stats: GenerationStats
     stop: tuple[str, ...] = ()
+    prompt_token_ids: tuple[int, ...] | None = None  # a passthrough sends these instead
     passthrough_fields: dict[str, Any] = field(default_factory=dict)
     return_logprobs: bool = False
     # Set by a passthrough with `echo`: the upstream's own count of the answer's tokens.

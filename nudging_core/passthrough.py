@@ -17,7 +17,9 @@ UPSTREAM_STOP: dict[Source, StopReason] = {"base": "base_stop", "nudging": "nudg
 async def passthrough(run: MethodInput, role: Source) -> AsyncGenerator[Piece, None]:
     caller = run.callers[role]
     budget = run.budget
-    prompt = run.base_prompt if role == "base" else run.nudging_prompt
+    prompt: str | list[int] = run.base_prompt if role == "base" else run.nudging_prompt
+    if run.prompt_token_ids is not None:
+        prompt = list(run.prompt_token_ids)  # vLLM reads them as they came
     call = caller.call(
         prompt,
         budget.max_tokens,

@@ -18,6 +18,7 @@ from typing import (
     Literal,
     Required,  # pydantic needs this one before Python 3.12
     TypeVar,
+    cast,
 )
 
 from pydantic import (
@@ -36,7 +37,7 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from nudging_core.config import LookaheadTokens, Threshold
-from nudging_core.errors import invalid_request, validation_error
+from nudging_core.errors import validation_error
 from nudging_core.nudging import Strategy
 
 _LONG_MIN: Final = -(2**63)
@@ -161,8 +162,14 @@ class _SamplingRequest(OpenAIRequestModel):
         return "max_tokens"
 
 
+# A token-id prompt; ids are never negative (vLLM's bound).
+TokenIds = tuple[int, ...]
+_TokenIdList = list[Annotated[int, Field(ge=0)]]
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # vLLM's four forms: a text, a batch of texts, one token-id prompt, a batch of them.
+    prompt: str | list[str] | _TokenIdList | list[_TokenIdList]
     suffix: str | None = None
     echo: bool = False
     # 0 asks for the prompt's logprobs alone, with `echo` only (checked in planning).
@@ -180,18 +187,29 @@ class CompletionRequest(_SamplingRequest):
         "frequency_penalty",
     )
 
-    def single_prompt(self) -> str:
-        """The one text prompt we serve; token-id prompts and batches are a 400."""
+    @field_validator("prompt")
+    @classmethod
+    def _no_empty_prompt_in_a_list(
+        cls, value: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        # A list holds prompts (or token ids); none of them may be empty. (A single ""
+        # stays a prompt: the base model then writes from nothing.)
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("please provide at least one prompt")
+            if any(item == "" or item == [] for item in value):
+                raise ValueError("a prompt in the list is empty")
+        return value
+
+    def prompts(self) -> list[str | TokenIds]:
+        """The request's prompts, each a text or token ids, in the order of their choices."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return prompt
-        if len(prompt) == 1 and isinstance(prompt[0], str):
-            return prompt[0]
-        raise invalid_request(
-            "prompt must be a single string (or a list of one string); "
-            "batched and token-id prompts are not supported",
-            "prompt",
-        )
+            return [prompt]
+        if isinstance(prompt[0], int):
+            return [tuple(prompt)]  # one token-id prompt
+        batch = cast(list[str | list[int]], prompt)
+        return [item if isinstance(item, str) else tuple(item) for item in batch]
 
 
 @with_config(ConfigDict(extra="allow"))
@@ -558,6 +576,7 @@ __all__ = [
     "StreamOptions",
     "TokenizeChatRequest",
     "TokenizeCompletionRequest",
+    "TokenIds",
     "UsageInfo",
     "new_chat_completion_id",
     "new_completion_id",

@@ -68,7 +68,10 @@ class ScriptedUpstream:
     def payloads(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """The JSON answer to a completions request: one body, or the events of a stream
         (without `[DONE]`). Raises LookupError for a prompt the script does not continue."""
-        tokens, finish = self.reply(body["prompt"], body.get("max_tokens", 16))
+        prompt = body["prompt"]
+        if isinstance(prompt, list):  # token ids: one per character, as /detokenize reads them
+            prompt = "".join(chr(t) for t in prompt)
+        tokens, finish = self.reply(prompt, body.get("max_tokens", 16))
         if body.get("stream"):
             return list(_stream_events(self.name, tokens, finish))
         return [{"id": "cmpl-x", "object": "text_completion", "model": self.name,

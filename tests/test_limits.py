@@ -19,7 +19,7 @@ from .conftest import USER, scripted_pair
 from .servers import running
 
 LIMITS = {"max_body_bytes": 20_000, "max_messages": 3, "max_message_chars": 100, "max_prompt_chars": 250,
-          "max_n": 2, "max_stop": 4, "max_stop_chars": 10}
+          "max_n": 2, "max_stop": 4, "max_stop_chars": 10, "max_prompts": 3, "max_choices": 4}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,9 @@ OVER_LIMIT = [
     ("chat/completions", chat(messages=[user("x" * 90), user("y" * 90), user("z" * 90)]), "messages"),
     ("completions", completion(prompt="x" * 251), "prompt"),
     ("completions", completion(prompt=["x" * 251]), "prompt"),
+    ("completions", completion(prompt=["x" * 200, "y" * 51]), "prompt"),  # a batch's characters together
+    ("completions", completion(prompt=["a"] * 4), "prompt"),
+    ("completions", completion(prompt=["a"] * 3, n=2), "n"),  # 6 choices
     ("completions", completion(nudging={"nudging_prompt": "x" * 251}), "nudging.nudging_prompt"),
     ("completions", completion(max_tokens=1001), "max_tokens"),
     ("chat/completions", chat(max_tokens=1001), "max_tokens"),
@@ -124,4 +127,6 @@ def test_each_limit_is_inclusive() -> None:
     ))
     assert _param(at_limit, limits) is None
     assert _param(CompletionRequest.model_validate(completion(prompt="x" * 250)), limits) is None
+    assert _param(CompletionRequest.model_validate(completion(prompt=["a"] * 3)), limits) is None
+    assert _param(CompletionRequest.model_validate(completion(prompt=["a", "b"], n=2)), limits) is None
     assert _param(CompletionRequest.model_validate(completion(prompt=[1] * 251)), limits) == "prompt"

@@ -82,7 +82,8 @@ UNSUPPORTED = [
     ("completions", completion(best_of=2), "best_of"),
 ]
 BAD_INPUT = [
-    ("completions", completion(prompt=[1, 2, 3]), "prompt"),
+    ("completions", completion(prompt=["a", ""]), "prompt"),
+    ("completions", completion(prompt=["a", "b"], nudging={"nudging_prompt": "x"}), "nudging.nudging_prompt"),
     ("chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages"),
     ("chat/completions", chat(messages=[user("a"), {"role": "tool", "content": "b"}]), "messages"),
 ]

@@ -59,7 +59,7 @@ def api_error(model: type[Any], body: Any) -> APIError:
 
 def test_completion_defaults() -> None:
     request = parse_request(CompletionRequest, COMPLETION)
-    assert request.single_prompt() == "Once upon a time"
+    assert request.prompts() == ["Once upon a time"]
     assert request.max_tokens is None  # the model's configured default applies
     assert request.n == 1 and request.stream is False and request.echo is False
     assert request.temperature is None and request.top_p is None and request.nudging is None
@@ -130,13 +130,20 @@ def test_explicit_null_means_default() -> None:
     assert request.n == 1 and request.stream is False and request.logprobs is False
 
 
-def test_single_prompt() -> None:
-    assert parse_request(CompletionRequest, {**COMPLETION, "prompt": ["one"]}).single_prompt() == "one"
-    for prompt in (["a", "b"], [1, 2, 3], [[1, 2]], []):
-        request = parse_request(CompletionRequest, {**COMPLETION, "prompt": prompt})
+def test_prompts_in_vllms_four_forms() -> None:
+    def prompts(prompt: object) -> list[str | tuple[int, ...]]:
+        return parse_request(CompletionRequest, {**COMPLETION, "prompt": prompt}).prompts()
+
+    assert prompts("one") == ["one"]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([1, 2, 3]) == [(1, 2, 3)]
+    assert prompts([[1, 2], [3]]) == [(1, 2), (3,)]
+    malformed: list[object] = [[], [""], [[]], [[1], []], ["a", 1], [-1], [[0, -2]]]
+    for prompt in malformed:
         with pytest.raises(APIError) as info:
-            request.single_prompt()
-        assert (info.value.status_code, info.value.param) == (400, "prompt")
+            prompts(prompt)
+        assert info.value.status_code == 400
+        assert info.value.param is not None and info.value.param.split(".")[0] == "prompt"
 
 
 @pytest.mark.parametrize(
@@ -409,7 +416,10 @@ def client() -> TestClient:
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest) -> dict[str, Any]:
-        return {"prompt": request.single_prompt()}
+        prompt = request.prompts()[0]
+        if not isinstance(prompt, str):
+            raise invalid_request("this route reads text prompts only", "prompt")
+        return {"prompt": prompt}
 
     @app.post("/v1/chat/completions")
     async def chat(request: ChatCompletionRequest) -> dict[str, Any]:

@@ -35,6 +35,23 @@ def _prompt_chars(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
     return sum(len(item) if isinstance(item, (str, list)) else 1 for item in prompt)
 
 
+def _check_prompts(request: CompletionRequest, limits: LimitsConfig) -> None:
+    """A batch is bounded as a whole: its prompts, its generations (prompts times n, which run
+    at once) and its characters together."""
+    count = len(request.prompts())
+    if count > limits.max_prompts:
+        raise _too_many("prompt", count, limits.max_prompts, "prompts")
+    if count * request.n > limits.max_choices:
+        raise invalid_request(
+            f"{count} prompts with 'n' {request.n} ask for {count * request.n} choices; "
+            f"the limit is {limits.max_choices}.",
+            "n",
+        )
+    size = _prompt_chars(request.prompt)
+    if size > limits.max_prompt_chars:
+        raise _too_long("prompt", size, limits.max_prompt_chars)
+
+
 def check_limits(request: CompletionRequest | ChatCompletionRequest, limits: LimitsConfig) -> None:
     """Raise a 400 naming the first field of `request` over one of `limits`."""
     if request.n > limits.max_n:
@@ -50,9 +67,7 @@ def check_limits(request: CompletionRequest | ChatCompletionRequest, limits: Lim
         if size > limits.max_prompt_chars:
             raise _too_long("nudging.nudging_prompt", size, limits.max_prompt_chars)
     if isinstance(request, CompletionRequest):
-        size = _prompt_chars(request.prompt)
-        if size > limits.max_prompt_chars:
-            raise _too_long("prompt", size, limits.max_prompt_chars)
+        _check_prompts(request, limits)
         return
     if len(request.messages) > limits.max_messages:
         raise _too_many("messages", len(request.messages), limits.max_messages, "messages")

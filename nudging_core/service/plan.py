@@ -2,11 +2,13 @@
 
 `plan` raises each 400 a request deserves (input limits, fields the model's method cannot
 honour, the `max_tokens` cap, bad messages) before it makes any upstream request; only then
-is the nudger's prompt rendered, which with `chat_template: auto` asks the upstream.
+are the prompts rendered (all at once), which with `chat_template: auto` or a token-id prompt
+asks the upstream. A batched completions request has one plan per prompt and choice.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from nudging_core.registry import ServedModel
 from nudging_core.types import SamplingParams
 
 from .limits import check_limits
-from .prompts import PromptPlan, check_chat, check_completion, render
+from .prompts import PromptPlan, Prompts, TokenPrompt, check_chat, check_completion, render
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
 # Fields the proxy itself interprets; everything else a passthrough method forwards.
@@ -32,14 +34,12 @@ OWN_FIELDS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class ChoicePlan:
-    """One choice of a request, ready to run: the model that serves it and its generation."""
+    """One choice of a request, ready to run: the model that serves it, its generation and its
+    index in the response (OpenAI's: prompt i, choice j is i * n + j)."""
 
     served: ServedModel
     request: GenerationRequest
-
-    @property
-    def index(self) -> int:
-        return self.request.choice_index
+    index: int
 
 
 def _max_tokens(served: ServedModel, request: AnyRequest) -> int:
@@ -92,8 +92,10 @@ def _wants_logprobs(request: AnyRequest) -> bool:
     return request.logprobs is not None
 
 
-def check(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> tuple[PromptPlan, int]:
-    """Every 400 `request` deserves, raised without I/O; else its prompt plan and budget."""
+def check(
+    request: AnyRequest, served: ServedModel, limits: LimitsConfig
+) -> tuple[list[PromptPlan | TokenPrompt], int]:
+    """Every 400 `request` deserves, raised without I/O; else its prompts' plans and budget."""
     check_limits(request, limits)
     method = served.config.method
     if METHODS[method].combined:
@@ -104,14 +106,27 @@ def check(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> tup
             )
     max_tokens = _max_tokens(served, request)
     if isinstance(request, ChatCompletionRequest):
-        return check_chat(served, request), max_tokens
+        return [check_chat(served, request)], max_tokens
     return check_completion(served, request), max_tokens
 
 
+async def _render_all(served: ServedModel, plans: list[PromptPlan | TokenPrompt]) -> list[Prompts]:
+    """The prompts of `plans`, rendered concurrently; the first failure cancels the others."""
+    if len(plans) == 1:
+        return [await render(served, plans[0])]
+    tasks = [asyncio.ensure_future(render(served, prompt_plan)) for prompt_plan in plans]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def plan(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> list[ChoicePlan]:
-    """The plans of `request`'s choices; raises `APIError` (a 400 before any upstream request)."""
-    prompt_plan, max_tokens = check(request, served, limits)
-    prompts = await render(served, prompt_plan)
+    """The plans of `request`'s choices, prompt by prompt; raises `APIError` (a 400 before any
+    upstream request)."""
+    prompt_plans, max_tokens = check(request, served, limits)
+    rendered = await _render_all(served, prompt_plans)
     config = served.config
     combined = METHODS[config.method].combined
     sampling = SamplingParams(
@@ -127,12 +142,14 @@ async def plan(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -
             max_tokens=max_tokens,
             base_prompt=prompts.base,
             nudging_prompt=prompts.nudging,
+            prompt_token_ids=prompts.token_ids,
             stop=tuple(request.stop_list()),
             sampling=sampling,
             params=params,
-            choice_index=index,
+            choice_index=choice,
             passthrough_fields=passthrough_fields,
             return_logprobs=not combined and _wants_logprobs(request),
-        ))
-        for index in range(request.n)
+        ), index=prompt_index * request.n + choice)
+        for prompt_index, prompts in enumerate(rendered)
+        for choice in range(request.n)
     ]

@@ -163,14 +163,15 @@ async def _choices(
 
 
 def usage(runs: list[ChoiceRun]) -> UsageEvent:
-    # Choices share one prompt; the first choice measured it.
-    prompt_tokens = runs[0].generation.prompt_tokens if runs else 0
+    # The choices of a prompt share it; its first choice measured it. A batch sums its prompts.
+    prompt_tokens = sum(run.generation.prompt_tokens for run in runs
+                        if run.generation.request.choice_index == 0)
     return UsageEvent(prompt_tokens, sum(run.generation.completion_tokens for run in runs),
                       runs[0].generation.system_fingerprint if runs else None)
 
 
 async def run(plans: list[ChoicePlan], *, streaming: bool) -> AsyncGenerator[Event, None]:
-    """The events of `plans` (one request's choices, all of one model)."""
+    """The events of `plans` (one request's choices, of all its prompts, all of one model)."""
     if not plans:
         return
     policy = RecoveryPolicy(plans[0].served, streaming=streaming)

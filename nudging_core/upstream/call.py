@@ -10,7 +10,7 @@ from typing import Any
 class CompletionCall:
     """One completions request, in the proxy's terms."""
 
-    prompt: str
+    prompt: str | list[int]  # a text, or token ids a passthrough forwards as they came
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0

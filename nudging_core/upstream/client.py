@@ -335,6 +335,17 @@ class UpstreamClient:
                 raise NoChatTemplate(self.role, error.message, status_code=error.status_code) from None
             raise
 
+    async def detokenize(self, tokens: list[int]) -> str | None:
+        """The text of token ids by the upstream's own tokenizer; None where it has no
+        detokenizer (its dialect's, or the endpoint answers 404)."""
+        dialect = await self.dialect()
+        try:
+            return await dialect.detokenize(self._json, self.model, tokens)
+        except UpstreamError as error:
+            if error.status_code == 404:
+                return None
+            raise
+
     async def ready(self) -> bool:
         try:
             response = await self._http.get("models")

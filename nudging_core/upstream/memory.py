@@ -59,6 +59,9 @@ class MemoryUpstream:
     async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
         return None  # no chat template
 
+    async def detokenize(self, tokens: list[int]) -> str | None:
+        return None  # no tokenizer endpoint
+
     async def ready(self) -> bool:
         return True
 

@@ -183,6 +183,7 @@ def create_app(
                 "eos_token": None, "pad_token": None, "unk_token": None,
                 "clean_up_tokenization_spaces": False}
 
+
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         try:

@@ -64,6 +64,10 @@ class Dialect(ABC):
         when the server cannot do that."""
         return None
 
+    async def detokenize(self, send: Sender, model: str, tokens: list[int]) -> str | None:
+        """The text of token ids by the server's own tokenizer, or None when it has none."""
+        return None
+
 
 # Turns one decoded JSON answer (or stream event) into a Reply; may keep state per request.
 Parser = Callable[[Any], Reply]

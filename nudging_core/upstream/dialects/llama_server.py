@@ -96,3 +96,8 @@ class LlamaServer(Dialect):
         rendered = await send(Request("../apply-template", {"messages": messages}))
         prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
         return prompt if isinstance(prompt, str) else None
+
+    async def detokenize(self, send: Sender, model: str, tokens: list[int]) -> str | None:
+        detokenized = await send(Request("../detokenize", {"tokens": tokens}))
+        content = detokenized.get("content") if isinstance(detokenized, dict) else None
+        return content if isinstance(content, str) else None

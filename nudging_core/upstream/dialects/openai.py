@@ -144,6 +144,9 @@ class OpenAICompletions(Dialect):
                 return prompt[len(bos):]
         return prompt
 
+    async def detokenize(self, send: Sender, model: str, tokens: list[int]) -> str | None:
+        return await _detokenize(send, model, tokens)
+
 
 async def _detokenize(send: Sender, model: str, tokens: list[Any]) -> str | None:
     detokenized = await send(Request("../detokenize", {"model": model, "tokens": tokens}))
