@@ -48,7 +48,9 @@ _LONG_MAX: Final = 2**63 - 1
 
 
 class OpenAIRequestModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict JSON types, as OpenAI and vLLM: `"stream": "yes"`, `"max_tokens": "5"` and
+    # `"n": true` are 400s (an integer is still a valid JSON number for a float field).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -102,7 +104,7 @@ class StreamOptions(OpenAIRequestModel):
 class NudgingOptions(BaseModel):
     """The request's `nudging` extension; None means "use the model's configuration"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     threshold: Threshold | None = None
     lookahead_tokens: LookaheadTokens | None = None

@@ -59,3 +59,21 @@ def test_unencodable_or_non_finite_input_is_a_400_naming_the_field(
         again = client.post(CHAT, json=_chat())
         assert again.status_code == 200
         assert _client_port(again) == _client_port(response)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("stream", "yes"), ("stream", 1), ("max_tokens", "5"), ("max_tokens", 5.0), ("n", True),
+    ("temperature", "0"), ("top_p", True), ("seed", "1"), ("max_completion_tokens", "5"),
+    ("logprobs", "false"), ("stream_options", {"include_usage": "yes"}),
+    ("nudging", {"return_provenance": 1}),
+])
+def test_json_types_are_strict_as_openai(proxy: str, field: str, value: Any) -> None:
+    body = _chat(**{field: value}, **({"stream": True} if field == "stream_options" else {}))
+    response = httpx.post(proxy + CHAT, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].split(".")[0] == field
+
+
+def test_integer_json_numbers_are_valid_floats(proxy: str) -> None:
+    response = httpx.post(proxy + CHAT, json=_chat(temperature=1, top_p=1, presence_penalty=0))
+    assert response.status_code == 200, response.text
