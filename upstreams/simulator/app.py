@@ -48,6 +48,7 @@ from .documents import PROFILES
 from .engine import Engine, Outcome, Step, reported_logprobs
 from .faults import (
     CLOSE_CONNECTION,
+    STREAM_FAULTS,
     Faults,
     FaultSpecError,
     ModelsFaults,
@@ -182,7 +183,7 @@ def create_app(
             steps = slowed(steps, fault.amount)
         if completion.stream:
             events = _stream(reply, steps, outcome, count, completion.include_usage())
-            if fault is not None and fault.name in ("malformed", "stream_cut", "stall"):
+            if fault is not None and fault.name in STREAM_FAULTS:
                 events = disrupt(fault, events, request.scope)
             return EventStream(events)
         collected = await _unless_client_leaves(request, _collect(steps))
