@@ -19,6 +19,7 @@ from cli.stack import Launcher, local_launcher, run_stack, simulator_launcher
 from nudging_core.config import Config, ConfigError, load_config
 from nudging_eval import cli as evaluation
 from server.app import create_app
+from server.connections import uvicorn_options
 from server.logs import configure_logging, secrets_of
 from upstreams.local import cli as local_upstream
 from upstreams.simulator import app as simulator
@@ -45,8 +46,7 @@ def serve(config: Config, host: str | None, port: int | None, app: FastAPI | Non
         log_config=None,
         access_log=False,  # ours carries the request id, model and tokens (server/observability.py)
         timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
-        loop=config.server.loop,
-        http=config.server.http,
+        **uvicorn_options(config.server),
     )
 
 

@@ -209,11 +209,21 @@ class ServerConfig(Strict):
     shutdown_grace_seconds: int = Field(
         30, ge=0, description="on SIGTERM, how long in-flight requests may run before they are ended"
     )
+    header_timeout_seconds: float = Field(
+        10, gt=0, description="a connection that has not sent a whole request head this long after it "
+        "opened (or after its last response) is closed: slow clients cannot hold connections"
+    )
+    keep_alive_seconds: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int | None = Field(
+        1000, ge=1, description="open connections (or running requests) past which a request gets a 503"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # uvicorn's --loop and --http: "auto" takes uvloop and httptools (installed with the proxy)
     # and falls back to asyncio and h11 where they cannot be imported.
     loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="event loop (uvicorn's --loop)")
-    http: Literal["auto", "h11", "httptools"] = Field("auto", description="HTTP/1.1 parser (uvicorn's --http)")
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="HTTP/1.1 parser (uvicorn's --http)"
+    )
     playground: bool = Field(
         False, description="serve the browser playground at /playground (behind the API keys when set)"
     )

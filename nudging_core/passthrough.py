@@ -33,12 +33,18 @@ async def passthrough(run: MethodInput, role: Source) -> AsyncGenerator[Piece, N
     counted = 0
     async with caller.stream_call(call) as stream:
         # The upstream holds the same budget, so its events pass whole, as it sent them
-        # (with `echo`, the first also holds the prompt); reading to the end gets its usage.
+        # (with `echo`, the first also holds the prompt); reading to the end gets its usage,
+        # unless the upstream writes past the budget.
         async for reply in stream.replies():
             # (Dialects without the raw text, llama-server's, give it by tokens.)
             text = reply.text or "".join(token.text for token in reply.tokens)
             if not text and not reply.tokens:
                 continue
+            if budget.exhausted and not echo:
+                # Text past the budget: the upstream ignores `max_tokens` (or never ends).
+                # Leaving closes its request; events without text (the finish, the usage) are
+                # still read above.
+                break
             ends, end = [], 0
             for token in reply.tokens:
                 end = min(end + len(token.text), len(text))

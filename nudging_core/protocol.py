@@ -7,6 +7,7 @@ is strict, since a typo there would otherwise be silently ignored.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -37,7 +38,7 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from nudging_core.config import LookaheadTokens, Threshold
-from nudging_core.errors import validation_error
+from nudging_core.errors import invalid_request, validation_error
 from nudging_core.nudging import Strategy
 
 _LONG_MIN: Final = -(2**63)
@@ -48,7 +49,9 @@ _LONG_MAX: Final = 2**63 - 1
 
 
 class OpenAIRequestModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict JSON types, as OpenAI and vLLM: `"stream": "yes"`, `"max_tokens": "5"` and
+    # `"n": true` are 400s (an integer is still a valid JSON number for a float field).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -70,6 +73,30 @@ class OpenAIRequestModel(BaseModel):
         }
 
 
+def _first_unsendable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The path of the first value in a decoded JSON body that cannot go upstream, and why.
+
+    Python's json module accepts what JSON text cannot carry on: lone surrogates (`"\\ud800"`
+    decodes, but cannot be encoded as UTF-8) and `NaN`/`Infinity`. Both would fail later,
+    while forwarding or answering, as a 500.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, "contains a lone surrogate, which is not valid Unicode text"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return path, "must be a finite number"
+    elif isinstance(value, (dict, list)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and (found := _first_unsendable(key, path)):
+                return found
+            if found := _first_unsendable(item, f"{path}.{key}" if path else str(key)):
+                return found
+    return None
+
+
 class StreamOptions(OpenAIRequestModel):
     # vLLM defaults this to True when stream_options is given; OpenAI documents it as opt-in.
     include_usage: bool = False
@@ -78,7 +105,7 @@ class StreamOptions(OpenAIRequestModel):
 class NudgingOptions(BaseModel):
     """The request's `nudging` extension; None means "use the model's configuration"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     threshold: Threshold | None = None
     lookahead_tokens: LookaheadTokens | None = None
@@ -132,6 +159,16 @@ class _SamplingRequest(OpenAIRequestModel):
         "guided_choice",
         "guided_grammar",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sendable(cls, data: Any) -> Any:
+        # An APIError, not a ValueError, so the 400 names the field (pydantic would place a
+        # model validator's error at the top level).
+        if found := _first_unsendable(data):
+            param, reason = found
+            raise invalid_request(f"Invalid value for '{param}': {reason}.", param or None)
+        return data
 
     @field_validator("stream_options")
     @classmethod

@@ -27,9 +27,12 @@ def open_paths(server: ServerConfig) -> frozenset[str]:
     return paths
 
 
-def _authorized(header: str | None, keys: list[bytes]) -> bool:
-    if not header or not header.lower().startswith("bearer "):
+def _authorized(headers: list[str], keys: list[bytes]) -> bool:
+    # Two Authorization headers are refused: which one counts would otherwise depend on the
+    # server, and a front proxy may have checked the other.
+    if len(headers) != 1 or not headers[0].lower().startswith("bearer "):
         return False
+    header = headers[0]
     offered = header[7:].strip().encode()
     # Compare with every key so the time taken does not reveal which one nearly matched.
     matches = [hmac.compare_digest(offered, key) for key in keys]
@@ -46,7 +49,7 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        if _authorized(Headers(scope=scope).get("authorization"), self.keys):
+        if _authorized(Headers(scope=scope).getlist("authorization"), self.keys):
             await self.app(scope, receive, send)
             return
         await error_response(unauthorized())(scope, receive, send)

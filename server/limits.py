@@ -1,6 +1,6 @@
-"""The body's size limit (config `server.limits.max_body_bytes`): a body too large to read is
-a 413 before anything parses it. The limits on a parsed request's fields are the service's
-(nudging_core/service/limits.py)."""
+"""The body's framing and size limit (config `server.limits.max_body_bytes`): a body with two
+lengths is a 400, one too large to read a 413, before anything parses it. The limits on a
+parsed request's fields are the service's (nudging_core/service/limits.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,20 @@ def body_too_large(max_bytes: int) -> APIError:
     )
 
 
-def _declared_length(scope: Scope) -> int | None:
-    value = Headers(scope=scope).get("content-length")
+def ambiguous_length() -> APIError:
+    return APIError(
+        400, "A request may not have both Content-Length and Transfer-Encoding.", code="ambiguous_length"
+    )
+
+
+def _has_both_lengths(headers: Headers) -> bool:
+    # h11 goes by Transfer-Encoding; a front proxy going by Content-Length would see another
+    # request boundary (request smuggling), so RFC 9112 lets a server reject such a request.
+    return "content-length" in headers and "transfer-encoding" in headers
+
+
+def _declared_length(headers: Headers) -> int | None:
+    value = headers.get("content-length")
     try:
         return None if value is None else int(value)
     except ValueError:
@@ -40,7 +52,11 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _declared_length(scope)
+        headers = Headers(scope=scope)
+        if _has_both_lengths(headers):
+            await error_response(ambiguous_length())(scope, receive, send)
+            return
+        declared = _declared_length(headers)
         if declared is not None and declared > self.max_bytes:
             await error_response(body_too_large(self.max_bytes))(scope, receive, send)
             return

@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -19,10 +20,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: ASGIApp, port: int | None = None) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 and yield its base URL; shut it down afterwards."""
+def running(app: ASGIApp, port: int | None = None, options: Mapping[str, Any] | None = None) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 and yield its base URL; shut it down afterwards. `options` are
+    more uvicorn settings (the proxy's: `server.connections.uvicorn_options`)."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **(options or {}))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

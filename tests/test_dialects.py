@@ -21,13 +21,15 @@ FIXTURES = Path(__file__).parent / "fixtures" / "dialects"
 OWNERS = {"vllm": "vllm", "llama_server": "llamacpp", "llama_cpp_python": "me"}
 
 
+def models_answer(kind: str) -> httpx.Response:
+    return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "owned_by": OWNERS[kind]}]})
+
+
 def transport(kind: str, seen: list[httpx.Request]) -> httpx.MockTransport:
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if request.url.path.endswith("/models"):
-            return httpx.Response(
-                200, json={"object": "list", "data": [{"id": "m", "owned_by": OWNERS[kind]}]}
-            )
+            return models_answer(kind)
         body = json.loads(request.content)
         if body.get("stream"):
             return httpx.Response(200, text=(FIXTURES / f"{kind}_stream.txt").read_text(),
@@ -148,4 +150,43 @@ async def test_missing_logprobs_is_a_clear_error() -> None:
     upstream = UpstreamClient("http://u/v1", "m", role="nudging", transport=httpx.MockTransport(handle))
     with pytest.raises(UpstreamError, match="no logprobs"):
         await upstream.complete(CALL)
+    await upstream.aclose()
+
+
+LLAMA_SERVER_MISSHAPEN: list[Any] = [
+    ["content"],
+    {"content": 5},
+    {"content": "a", "completion_probabilities": "none"},
+    {"content": "a", "completion_probabilities": [None]},
+    {"content": "a", "completion_probabilities": [{"token": "a", "logprob": "x"}]},
+    {"content": "a", "completion_probabilities": [{"token": "a", "logprob": -1, "bytes": [300]}]},
+    {"content": "a", "completion_probabilities": [{"token": "a", "logprob": -1, "top_logprobs": [5]}]},
+    {"content": "a", "stop": True, "tokens_evaluated": "6"},
+    {"content": "a", "stop": True, "stop_type": 3},
+]
+
+
+def _answering(kind: str, answer: Any) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return models_answer(kind)
+        if json.loads(request.content).get("stream"):
+            return httpx.Response(200, text=f"data: {json.dumps(answer)}\n\n",
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=answer)
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("answer", LLAMA_SERVER_MISSHAPEN)
+async def test_a_misshapen_llama_server_answer_is_an_upstream_error(answer: Any, stream: bool) -> None:
+    upstream = UpstreamClient("http://upstream:8000/v1", "m", role="base",
+                              transport=_answering("llama_server", answer))
+    with pytest.raises(UpstreamError, match="malformed"):
+        if stream:
+            async with upstream.stream(CALL) as tokens:
+                [token async for token in tokens]
+        else:
+            await upstream.complete(CALL)
     await upstream.aclose()

@@ -25,7 +25,7 @@ import pytest
 from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
 from upstreams.simulator.app import create_app as create_simulator
-from upstreams.simulator.faults import COMPLETIONS, Fault, Faults, FaultSpecError, parse_faults
+from upstreams.simulator.faults import COMPLETIONS, MISSHAPEN, Fault, Faults, FaultSpecError, parse_faults
 
 from .servers import running
 
@@ -175,6 +175,8 @@ EXPECTED: dict[str, str | None] = {
     "stall": "upstream_timeout",  # 504: no event within read
     "no_logprobs": "upstream_error",
     "context_overflow": "context_length_exceeded",  # 400
+    # Valid JSON of the wrong shape: a 502 like a body that is not JSON.
+    **{f"misshapen={shape}": "upstream_error" for shape in range(len(MISSHAPEN))},
 }
 STATUS = {"upstream_error": 502, "upstream_unavailable": 503, "upstream_timeout": 504,
           "context_length_exceeded": 400}
@@ -207,6 +209,18 @@ def test_fault_matrix(stack: Stack, fault: str, role: str, stream: bool) -> None
     after = ask(stack, stream=stream)
     assert (after.status, after.code) == (200, None), after.raw
     assert after.text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("shape", range(len(MISSHAPEN)))
+def test_a_misshapen_answer_to_a_passthrough_model_is_a_502(stack: Stack, shape: int, stream: bool) -> None:
+    stack.set_faults("base", f"misshapen={shape}")
+    try:
+        outcome = ask(stack, "base-only", stream=stream)
+    finally:
+        stack.clear()
+    assert outcome.code == "upstream_error", outcome.raw
+    assert outcome.status == (200 if stream else 502), outcome.raw
 
 
 def test_missing_logprobs_say_so(stack: Stack) -> None:

@@ -53,6 +53,7 @@ from .documents import PROFILES
 from .engine import Engine, Outcome, Step, reported_logprobs
 from .faults import (
     CLOSE_CONNECTION,
+    STREAM_FAULTS,
     Faults,
     FaultSpecError,
     ModelsFaults,
@@ -218,7 +219,7 @@ def create_app(
         if completion.stream:
             events = _stream(reply, steps, outcome, count, completion.include_usage(),
                              prompt_only=sampling.max_tokens == 0)
-            if fault is not None and fault.name in ("malformed", "stream_cut", "stall"):
+            if fault is not None and fault.name in STREAM_FAULTS:
                 events = disrupt(fault, events, request.scope)
             return EventStream(events)
         collected = await _unless_client_leaves(request, _collect(steps))

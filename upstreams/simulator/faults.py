@@ -26,6 +26,9 @@ Faults (ARG in brackets, with its default):
   ``[DONE]``), any other answer halfway through its JSON body.
 - ``stall[=2]``: stop sending but keep the connection open until the client leaves: a stream
   after ARG events, any other answer after the headers and the start of its body.
+- ``misshapen[=0]``: completions only; valid JSON of the wrong shape, number ARG of
+  ``MISSHAPEN`` (choices not a list, a number for text, a string for logprobs, ...): the whole
+  answer, or a stream's second event.
 - ``no_logprobs``: completions only; the answer carries ``"logprobs": null``.
 - ``context_overflow``: completions only; vLLM's 400 "This model's maximum context length is
   N tokens. However, you requested M tokens (...)".
@@ -76,10 +79,28 @@ _FAULTS: Final[dict[str, _FaultKind]] = {
     "malformed": _FaultKind(ALL_KINDS, 2),
     "stream_cut": _FaultKind(ALL_KINDS, 2),
     "stall": _FaultKind(ALL_KINDS, 2),
+    "misshapen": _FaultKind(COMPLETIONS, 0),
     "no_logprobs": _FaultKind(COMPLETIONS, None),
     "context_overflow": _FaultKind(COMPLETIONS, None),
 }
 _EVENT_COUNTS: Final = frozenset({"malformed", "stream_cut", "stall"})
+_WHOLE_NUMBER_ARGS: Final = _EVENT_COUNTS | {"misshapen"}
+# The events of a stream that go out before its fault (besides _EVENT_COUNTS' own argument).
+STREAM_FAULTS: Final = _EVENT_COUNTS | {"misshapen"}
+
+# Answers a buggy or foreign server could send: JSON, but not the completions shape.
+MISSHAPEN: Final[tuple[Any, ...]] = (
+    {"choices": "text"},
+    {"choices": [None]},
+    {"choices": [{"index": 0, "text": 5}]},
+    {"choices": [{"index": 0, "text": "a", "logprobs": "none"}]},
+    {"choices": [{"index": 0, "text": "a", "logprobs": {"tokens": 5}}]},
+    {"choices": [{"index": 0, "text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": ["x"],
+                                                         "top_logprobs": [{"a": "x"}]}}]},
+    {"choices": [{"index": 0, "text": "a", "finish_reason": 7}]},
+    {"choices": [{"index": 0, "text": "a"}], "usage": {"prompt_tokens": "3", "completion_tokens": []}},
+    ["not", "an", "object"],
+)
 
 _RULE = re.compile(r"(?P<name>[a-z_0-9]+)(?:=(?P<arg>[^@*]*))?(?:@(?P<rate>[^*]*))?(?:\*(?P<count>[^*]*))?")
 
@@ -156,7 +177,7 @@ def _parse_rule(rule: str) -> Fault:
             allowed = " but 'empty'" if name == "http" else ""
             raise FaultSpecError(f"{rule!r}: {name} takes no argument{allowed}")
         else:
-            amount = _number(rule, arg, int if name in _EVENT_COUNTS else float)
+            amount = _number(rule, arg, int if name in _WHOLE_NUMBER_ARGS else float)
             if amount < 0:
                 raise FaultSpecError(f"{rule!r}: the argument must be >= 0")
     rate = 1.0 if match["rate"] is None else _number(rule, match["rate"], float)
@@ -286,11 +307,17 @@ async def whole_answer_fault(fault: Fault, request: Request, stats: Stats, *,
         return Response(status_code=499)  # nobody is listening any more
     if fault.name == "http":
         return error_response(fault)
-    if stream or fault.name not in _EVENT_COUNTS:
+    if stream or fault.name not in STREAM_FAULTS:
         return None
     if fault.name == "malformed":
         return Response(_partial_body(), media_type="application/json")
+    if fault.name == "misshapen":
+        return Response(json.dumps(misshapen(fault)), media_type="application/json")
     return StreamingResponse(_broken_body(fault, request.scope, stats), media_type="application/json")
+
+
+def misshapen(fault: Fault) -> Any:
+    return MISSHAPEN[fault.events % len(MISSHAPEN)]
 
 
 async def _broken_body(fault: Fault, scope: Scope, stats: Stats) -> AsyncIterator[str]:
@@ -307,8 +334,9 @@ async def disrupt(fault: Fault, events: AsyncGenerator[str, None], scope: Scope)
     """A stream's events, broken by `fault` after its number of good events."""
     try:
         sent = 0
+        good_events = 1 if fault.name == "misshapen" else fault.events
         async for event in events:
-            if sent == fault.events:
+            if sent == good_events:
                 break
             yield event
             sent += 1
@@ -316,6 +344,9 @@ async def disrupt(fault: Fault, events: AsyncGenerator[str, None], scope: Scope)
             return  # the answer was shorter than the fault's allowance
         if fault.name == "malformed":
             yield 'data: {"id": "cmpl-fault", "choices": [\n\n'
+            return
+        if fault.name == "misshapen":
+            yield f"data: {json.dumps(misshapen(fault))}\n\n"
             return
         if fault.name == "stream_cut":
             close_connection(scope)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import codecs
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Final, Required
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
 
 from nudging_core.types import Token
 
@@ -22,26 +25,62 @@ from .base import Dialect, Parser, Reply, Request, Sender
 FINISH_REASONS = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
-def _token_bytes(entry: dict[str, Any]) -> bytes:
+# The fields read here, with their JSON types; anything else is an UpstreamError, not a
+# TypeError further on (see the OpenAI dialect).
+_SHAPE: Final = ConfigDict(extra="allow", strict=True)
+
+
+@with_config(_SHAPE)
+class _Alternative(TypedDict, total=False):
+    token: str
+    logprob: float
+
+
+@with_config(_SHAPE)
+class _Probability(_Alternative, total=False):
+    bytes: list[Annotated[int, Field(ge=0, le=255)]] | None
+    top_logprobs: list[_Alternative] | None
+
+
+@with_config(_SHAPE)
+class _Answer(TypedDict, total=False):
+    content: Required[str | None]
+    completion_probabilities: list[_Probability] | None
+    stop: bool
+    stop_type: str
+    tokens_evaluated: int | None
+
+
+_ANSWER: Final = TypeAdapter(_Answer)
+
+
+def _answer(role: str, payload: Any) -> _Answer:
+    try:
+        return _ANSWER.validate_python(payload)
+    except ValidationError as exc:
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        raise UpstreamError(role, f"malformed llama-server response (at {where or 'top level'})") from None
+
+
+def _token_bytes(entry: _Probability) -> bytes:
     raw = entry.get("bytes")
-    if isinstance(raw, list):
+    if raw is not None:
         return bytes(raw)
-    return str(entry.get("token", "")).encode()
+    return entry.get("token", "").encode()
 
 
 def _parse(
     role: str, decode: Callable[[bytes], str], payload: Any, *, need_logprobs: bool, stream: bool
 ) -> Reply:
-    if not isinstance(payload, dict) or "content" not in payload:
-        raise UpstreamError(role, "malformed llama-server response")
-    probabilities = payload.get("completion_probabilities")
-    content = str(payload.get("content") or "")
-    reply = Reply(last=bool(payload.get("stop")) or not stream)
+    answer = _answer(role, payload)
+    probabilities = answer.get("completion_probabilities")
+    content = answer["content"] or ""
+    reply = Reply(last=answer.get("stop", False) or not stream)
     if probabilities:
         for entry in probabilities:
             alternatives = entry.get("top_logprobs") or []
-            top = {str(t.get("token")): float(t.get("logprob", -math.inf)) for t in alternatives}
-            chosen = float(entry.get("logprob", -math.inf))
+            top = {t.get("token", ""): t.get("logprob", -math.inf) for t in alternatives}
+            chosen = entry.get("logprob", -math.inf)
             best = max([chosen, *top.values()])
             reply.tokens.append(Token(decode(_token_bytes(entry)), chosen, best, top))
     elif content:
@@ -49,9 +88,8 @@ def _parse(
             raise UpstreamError(role, "response carries no probabilities; nudging needs them")
         reply.tokens.append(Token(content, 0.0, 0.0))
     if reply.last:
-        reply.finish_reason = FINISH_REASONS.get(str(payload.get("stop_type")), "stop")
-        evaluated = payload.get("tokens_evaluated")
-        reply.prompt_tokens = evaluated if isinstance(evaluated, int) else None
+        reply.finish_reason = FINISH_REASONS.get(answer.get("stop_type", ""), "stop")
+        reply.prompt_tokens = answer.get("tokens_evaluated")
     return reply
 
 

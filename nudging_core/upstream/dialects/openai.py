@@ -9,7 +9,10 @@ token strings are only used when they already join to the text.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
 
 from nudging_core.types import Token
 
@@ -19,8 +22,51 @@ from .base import Dialect, Parser, Reply, Request, Sender
 
 NEG_INF = -math.inf
 
+# The fields of an answer (or stream event) read here, with their JSON types: anything else
+# is a server bug or not a completions server, and must fail as an UpstreamError rather than
+# as a TypeError somewhere further on. Unknown keys are kept (passthrough forwards logprobs).
+_SHAPE: Final = ConfigDict(extra="allow", strict=True)
 
-def _top_logprob(chosen: float | None, top: dict[str, float] | None) -> float:
+
+@with_config(_SHAPE)
+class _Logprobs(TypedDict, total=False):
+    tokens: list[str] | None
+    token_logprobs: list[float | None] | None
+    top_logprobs: list[dict[str, float | None] | None] | None
+    text_offset: list[int] | None
+
+
+@with_config(_SHAPE)
+class _Choice(TypedDict, total=False):
+    text: str | None
+    finish_reason: str | None
+    logprobs: _Logprobs | None
+
+
+@with_config(_SHAPE)
+class _Usage(TypedDict, total=False):
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@with_config(_SHAPE)
+class _Answer(TypedDict, total=False):
+    choices: list[_Choice] | None
+    usage: _Usage | None
+
+
+_ANSWER: Final = TypeAdapter(_Answer)
+
+
+def _answer(role: str, payload: Any) -> _Answer:
+    try:
+        return _ANSWER.validate_python(payload)
+    except ValidationError as exc:
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        raise UpstreamError(role, f"malformed completions response (at {where or 'top level'})") from None
+
+
+def _top_logprob(chosen: float | None, top: dict[str, float | None] | None) -> float:
     candidates = [v for v in (top or {}).values() if v is not None]
     if chosen is not None:
         candidates.append(chosen)
@@ -40,31 +86,35 @@ def _token_texts(text: str, tokens: list[str], offsets: list[int] | None) -> lis
     return [""] * (len(tokens) - 1) + [text] if tokens else []
 
 
-def parse_tokens(role: str, choice: dict[str, Any], *, need_logprobs: bool) -> list[Token]:
+def _known_logprobs(top: dict[str, float | None] | None) -> dict[str, float] | None:
+    return None if top is None else {token: value for token, value in top.items() if value is not None}
+
+
+def parse_tokens(role: str, choice: _Choice, *, need_logprobs: bool) -> list[Token]:
     """Tokens of one choice (a whole completion or one streamed delta)."""
     text = choice.get("text") or ""
     logprobs = choice.get("logprobs")
-    if not logprobs or logprobs.get("tokens") is None:
+    raw_tokens = logprobs.get("tokens") if logprobs else None
+    if not logprobs or raw_tokens is None:
         if need_logprobs and text:
             raise UpstreamError(role, "response carries no logprobs; nudging needs them")
         return [Token(text, 0.0, 0.0)] if text else []
-    raw_tokens: list[str] = list(logprobs["tokens"])
-    token_logprobs: list[float | None] = list(logprobs.get("token_logprobs") or [None] * len(raw_tokens))
-    tops: list[dict[str, float] | None] = list(logprobs.get("top_logprobs") or [None] * len(raw_tokens))
+    token_logprobs = logprobs.get("token_logprobs") or [None] * len(raw_tokens)
+    tops = logprobs.get("top_logprobs") or [None] * len(raw_tokens)
     texts = _token_texts(text, raw_tokens, logprobs.get("text_offset"))
     result = []
     for piece, chosen, top in zip(texts, token_logprobs, tops, strict=False):
         best = _top_logprob(chosen, top)
         if need_logprobs and best == NEG_INF:
             raise UpstreamError(role, "response carries no logprobs; nudging needs them")
-        result.append(Token(piece, chosen if chosen is not None else best, best, top))
+        result.append(Token(piece, chosen if chosen is not None else best, best, _known_logprobs(top)))
     return result
 
 
-def _choice_reply(role: str, payload: dict[str, Any], *, need_logprobs: bool) -> Reply:
+def _choice_reply(role: str, payload: _Answer, *, need_logprobs: bool) -> Reply:
     reply = Reply()
     usage = payload.get("usage")
-    if isinstance(usage, dict):
+    if usage is not None:
         reply.prompt_tokens = usage.get("prompt_tokens")
         reply.completion_tokens = usage.get("completion_tokens")
     fingerprint = payload.get("system_fingerprint")
@@ -77,8 +127,8 @@ def _choice_reply(role: str, payload: dict[str, Any], *, need_logprobs: bool) ->
             reply.stop_reason = stop_reason if isinstance(stop_reason, str | int) else None
         reply.text += choice.get("text") or ""
         logprobs = choice.get("logprobs")
-        if isinstance(logprobs, dict) and reply.logprobs is None:
-            reply.logprobs = logprobs
+        if logprobs is not None and reply.logprobs is None:
+            reply.logprobs = dict(logprobs)
     return reply
 
 
@@ -108,9 +158,10 @@ class OpenAICompletions(Dialect):
     def parser(self, role: str, *, need_logprobs: bool, stream: bool) -> Parser:
         def parse(payload: Any) -> Reply:
             # A stream's usage event has no choices; a whole response always has one.
-            if not isinstance(payload, dict) or (not stream and not payload.get("choices")):
-                raise UpstreamError(role, "malformed completions response")
-            return _choice_reply(role, payload, need_logprobs=need_logprobs)
+            answer = _answer(role, payload)
+            if not stream and not answer.get("choices"):
+                raise UpstreamError(role, "malformed completions response (no choices)")
+            return _choice_reply(role, answer, need_logprobs=need_logprobs)
 
         return parse
 
