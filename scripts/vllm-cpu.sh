@@ -117,7 +117,8 @@ stop_one() {
 start() {
   install
   serve "$D/models/smol-hf" smollm2 "$PORT_SMOL" || { stop; return 1; }
-  serve "$D/models/gemma-hf" gemma3-270m "$PORT_GEMMA" || { stop; return 1; }
+  # The base serves /tokenizer_info (the proxy forwards it; lm-eval reads it), the aligned not.
+  serve "$D/models/gemma-hf" gemma3-270m "$PORT_GEMMA" --enable-tokenizer-info-endpoint || { stop; return 1; }
 }
 
 stop() { stop_one gemma3-270m; stop_one smollm2; }

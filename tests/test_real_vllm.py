@@ -447,6 +447,72 @@ def test_passthrough_forwards_the_client_s_fields(
     assert chat["usage"]["completion_tokens"] <= 8
 
 
+# --- Tokenizer endpoints and batched prompts -----------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "upstream"), [("gemma-nudged", "gemma"), ("smollm-instruct", "smol")])
+def test_tokenizer_endpoints_answer_as_the_model_s_upstream(
+    proxy: httpx.Client, request: pytest.FixtureRequest, model: str, upstream: str
+) -> None:
+    server: httpx.Client = request.getfixturevalue(upstream)
+    served = GEMMA if upstream == "gemma" else SMOL
+    for body in ({"prompt": "Why is the sky blue?"},
+                 {"prompt": "Hi there", "add_special_tokens": False, "return_token_strs": True}):
+        direct = _ok(server.post("/tokenize", json={"model": served, **body}))
+        assert _ok(proxy.post("/tokenize", json={"model": model, **body})) == direct
+        detokenize = {"tokens": direct["tokens"]}
+        assert (_ok(proxy.post("/detokenize", json={"model": model, **detokenize}))
+                == _ok(server.post("/detokenize", json={"model": served, **detokenize})))
+    if upstream == "smol":  # its chat template; Gemma 3 270M (a base model) has none
+        chat = {"messages": CHAT, "add_generation_prompt": True}
+        assert (_ok(proxy.post("/tokenize", json={"model": model, **chat}))
+                == _ok(server.post("/tokenize", json={"model": served, **chat})))
+
+
+def test_tokenizer_info_is_the_base_s_or_a_501_where_vllm_does_not_serve_it(
+    proxy: httpx.Client, gemma: httpx.Client
+) -> None:
+    info = _ok(proxy.get("/tokenizer_info", params={"model": "gemma-nudged"}))
+    assert info == _ok(gemma.get("/tokenizer_info"))
+    assert info["eos_token"]  # what lm-eval's remote tokenizer needs
+    missing = proxy.get("/tokenizer_info", params={"model": "smollm-instruct"})
+    assert missing.status_code == 501, missing.text
+    assert missing.json()["error"]["code"] == "not_implemented"
+    assert "--enable-tokenizer-info-endpoint" in missing.json()["error"]["message"]
+
+
+def test_a_batch_on_base_only_is_vllm_s_batch(proxy: httpx.Client, gemma: httpx.Client) -> None:
+    request = {"prompt": ["The capital of France is", "Water boils at"], "max_tokens": 8, "n": 2,
+               "temperature": 0}
+    direct = _direct(gemma, GEMMA, **request)
+    body = _ok(proxy.post("/v1/completions", json={"model": "gemma-base", **request}))
+    assert ([(c["index"], c["text"]) for c in sorted(body["choices"], key=lambda c: c["index"])]
+            == [(c["index"], c["text"]) for c in sorted(direct["choices"], key=lambda c: c["index"])])
+    assert body["usage"] == {
+        k: direct["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+
+
+def test_token_id_prompts_are_read_as_the_base_vllm_decodes_them(
+    proxy: httpx.Client, gemma: httpx.Client
+) -> None:
+    texts = ["The capital of France is", "Water boils at"]
+    ids = [_ok(gemma.post("/tokenize", json={"prompt": text, "add_special_tokens": False}))["tokens"]
+           for text in texts]
+    def nudged(prompt: list[Any]) -> list[str]:
+        body = _ok(proxy.post("/v1/completions", json={"model": "gemma-nudged", "prompt": prompt,
+                                                       "max_tokens": 12}))
+        return [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
+
+    assert nudged(ids) == nudged(texts)
+    # Passthrough forwards the ids: vLLM's own answer to them.
+    direct = _direct(gemma, GEMMA, prompt=ids[0], max_tokens=8)
+    forwarded = _ok(proxy.post("/v1/completions", json={"model": "gemma-base", "prompt": ids[0],
+                                                         "max_tokens": 8}))
+    assert forwarded["choices"][0]["text"] == direct["choices"][0]["text"]
+    assert forwarded["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"] == len(ids[0])
+
+
 # --- What vLLM sees of the proxy's requests --------------------------------------------------
 
 def _relay(target: str, engine_ids: list[str]) -> Starlette:
