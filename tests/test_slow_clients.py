@@ -45,6 +45,11 @@ def _set_faults(upstream: str, spec: str) -> None:
     assert response.status_code == 200, response.text
 
 
+def _stats(upstream: str) -> dict[str, int]:
+    stats: dict[str, int] = httpx.get(upstream + "/stats").json()
+    return stats
+
+
 def _ask(proxy: str, *, stream: bool = False, timeout: float = 60) -> httpx.Response:
     body = {"model": "one-slot", "prompt": "Once upon a time", "max_tokens": 4, "stream": stream}
     return httpx.post(proxy + "/v1/completions", json=body, timeout=timeout)
@@ -90,6 +95,7 @@ def _open_unread_stream(proxy: str) -> socket.socket:
 
 def test_a_stream_nobody_reads_is_dropped_and_frees_its_upstream_slot(upstream: str) -> None:
     # Without a send timeout the second request would wait its whole (long) pool timeout.
+    cancelled_before = _stats(upstream)["requests_cancelled"]
     with running(create_proxy(parse_config(_proxy_config(upstream, pool=60)))) as proxy:
         client = _open_unread_stream(proxy)
         try:
@@ -102,3 +108,5 @@ def test_a_stream_nobody_reads_is_dropped_and_frees_its_upstream_slot(upstream: 
     assert response.status_code == 200, response.text
     # Filling the buffers takes a few seconds on a busy machine; the pool's 60 s is far off.
     assert waited < SEND_TIMEOUT_SECONDS + 30, waited
+    # The long answer's upstream request was cancelled, not left to finish.
+    assert _stats(upstream)["requests_cancelled"] == cancelled_before + 1
