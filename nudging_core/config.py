@@ -213,6 +213,10 @@ class ServerConfig(Strict):
         10, gt=0, description="a connection that has not sent a whole request head this long after it "
         "opened (or after its last response) is closed: slow clients cannot hold connections"
     )
+    send_timeout_seconds: float = Field(
+        30, gt=0, description="a streamed answer whose client has not taken its next event this long is "
+        "ended and its upstream requests cancelled: clients that stop reading cannot hold upstream slots"
+    )
     keep_alive_seconds: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
     max_connections: int | None = Field(
         1000, ge=1, description="open connections (or running requests) past which a request gets a 503"

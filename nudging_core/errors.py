@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
+from nudging_core.upstream import ContextOverflow, UpstreamBusy, UpstreamError, UpstreamTimeout
 
 INVALID_REQUEST: Final = "invalid_request_error"
 AUTHENTICATION: Final = "authentication_error"
@@ -26,6 +26,9 @@ _UPSTREAM_CODES: Final[Mapping[int, str]] = {
     503: "upstream_unavailable",
     504: "upstream_timeout",
 }
+
+# A busy upstream frees a slot whenever any of its requests ends: no better guess than soon.
+BUSY_RETRY_AFTER_SECONDS: Final = 1
 
 # Anything that looks like a URL; upstream errors (httpx messages, say) often quote one.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
@@ -64,6 +67,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         # Server-side messages may quote an upstream's error text; strip addresses here so
         # no caller can forget to.
@@ -75,6 +79,7 @@ class APIError(Exception):
         self.type = type or _type_for_status(status_code)
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, for a Retry-After header
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return error_body(self)
@@ -99,7 +104,9 @@ def unauthorized(message: str = "Invalid or missing API key.") -> APIError:
     return APIError(401, message, type=AUTHENTICATION, code="invalid_api_key")
 
 
-def upstream_unavailable(role: str, message: str, *, status_code: int = 502) -> APIError:
+def upstream_unavailable(
+    role: str, message: str, *, status_code: int = 502, retry_after: int | None = None
+) -> APIError:
     """An upstream model server failed (502), is unavailable (503) or timed out (504)."""
     if status_code not in _UPSTREAM_CODES:
         raise ValueError(f"upstream errors are 502, 503 or 504, not {status_code}")
@@ -108,6 +115,7 @@ def upstream_unavailable(role: str, message: str, *, status_code: int = 502) -> 
         f"The {role} model's server failed: {message}",
         type=UPSTREAM_ERROR,
         code=_UPSTREAM_CODES[status_code],
+        retry_after=retry_after,
     )
 
 
@@ -130,7 +138,8 @@ def upstream_failure(error: UpstreamError) -> APIError:
 
     A prompt too long for the model, or a request the upstream rejects as invalid (400/422:
     for passthrough models that is the client's own field), is a 400. Otherwise it is the
-    proxy's problem: 504 on a timeout, 503 when the upstream is overloaded, else 502.
+    proxy's problem: 504 on a timeout, 503 when the upstream is overloaded (or all its slots
+    stayed busy, with Retry-After), else 502.
     """
     message = scrub_urls(error.message)
     if isinstance(error, ContextOverflow):
@@ -140,6 +149,9 @@ def upstream_failure(error: UpstreamError) -> APIError:
         )
     if isinstance(error, UpstreamTimeout):
         return upstream_unavailable(error.role, message, status_code=504)
+    if isinstance(error, UpstreamBusy):
+        return upstream_unavailable(error.role, message, status_code=503,
+                                    retry_after=BUSY_RETRY_AFTER_SECONDS)
     if error.status_code in (400, 422):
         return invalid_request(f"The {error.role} model's server rejected the request: {message}")
     if error.status_code in (429, 503):

@@ -39,6 +39,7 @@ def create_app(config: Config) -> FastAPI:
     playground.install(app, config)
     server = config.server
     app.state.limits = server.limits
+    app.state.send_timeout = server.send_timeout_seconds
     app.state.metrics = metrics = Metrics()
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     # The last middleware added runs first: request ids and metrics see every answer, CORS

@@ -19,6 +19,8 @@ _GENERIC_500: Final = "The server had an error while processing your request."
 
 
 def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if error.retry_after is not None:
+        headers = {**(headers or {}), "Retry-After": str(error.retry_after)}
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
 
 

@@ -98,7 +98,8 @@ async def _respond(request: Request, served: ServedModel, body: AnyRequest, shap
     events = observed(run(plans, streaming=body.stream), nudged=served.config.method == "nudging",
                       stream=body.stream)
     if body.stream:
-        return await stream_response(shape, [p.index for p in plans], events)
+        return await stream_response(shape, [p.index for p in plans], events,
+                                     send_timeout=request.app.state.send_timeout)
     finished: list[ChoiceRun] = []
     usage = UsageEvent(0, 0)
     async with aclosing(events):

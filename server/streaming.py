@@ -7,15 +7,32 @@ at once gets a proper HTTP error instead of a 200 followed by an error event.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from nudging_core.service import ChoiceFinished, ErrorEvent, Event, PieceEvent, UsageEvent
 
 from .responses import Shape
+
+stream_log = logging.getLogger("nudging_proxy.stream")
+
+
+class _ClientPacedResponse(EventSourceResponse):
+    """An SSE response that a client which stops reading ends with one warning: the send
+    timeout's exception would reach the server as a traceback per such client."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # Returning with the response unfinished makes the server close the connection.
+            stream_log.warning("the client read nothing for %g s: its stream is ended", self.send_timeout)
 
 
 def _data(payload: dict[str, Any] | str) -> dict[str, str]:
@@ -47,9 +64,13 @@ async def _chunks(
 
 
 async def stream_response(
-    shape: Shape, indexes: list[int], events: AsyncGenerator[Event, None]
+    shape: Shape, indexes: list[int], events: AsyncGenerator[Event, None], *, send_timeout: float
 ) -> EventSourceResponse:
-    """Start the stream once the first event is known; an error before it raises."""
+    """Start the stream once the first event is known; an error before it raises.
+
+    A send (an event or a ping) that waits `send_timeout` seconds for the client to read ends
+    the response: the events are closed, which cancels their upstream requests and gives their
+    slots back, and the server drops the connection."""
     try:
         first = await anext(events, None)
     except BaseException:
@@ -58,4 +79,5 @@ async def stream_response(
     if isinstance(first, ErrorEvent):
         await events.aclose()
         raise first.error
-    return EventSourceResponse(_chunks(shape, indexes, first, events), sep="\n", ping=15)
+    return _ClientPacedResponse(_chunks(shape, indexes, first, events), sep="\n", ping=15,
+                               send_timeout=send_timeout)

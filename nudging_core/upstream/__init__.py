@@ -3,7 +3,7 @@
 from .call import CompletionCall
 from .client import CompletionStream, Timeouts, UpstreamClient
 from .dialects import DIALECT_NAMES
-from .errors import ContextFull, ContextOverflow, NoChatTemplate, UpstreamError, UpstreamTimeout
+from .errors import ContextFull, ContextOverflow, NoChatTemplate, UpstreamBusy, UpstreamError, UpstreamTimeout
 from .health import ReplicaHealth
 from .memory import MemoryUpstream
 from .protocol import Upstream, UpstreamStream
@@ -22,6 +22,7 @@ __all__ = [
     "ReplicaHealth",
     "ReplicaSet",
     "Timeouts",
+    "UpstreamBusy",
     "UpstreamClient",
     "UpstreamError",
     "UpstreamTimeout",

@@ -28,6 +28,7 @@ from .errors import (
     ContextFull,
     ContextOverflow,
     NoChatTemplate,
+    UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -147,6 +148,8 @@ class UpstreamClient:
             transport=transport,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._pool = timeouts.pool
         self._first_byte = timeouts.first_byte
         # Failures below HTTP are seen by the replica's transport; a wait for headers that runs
         # out is ours to report.
@@ -264,11 +267,25 @@ class UpstreamClient:
         except ValueError as exc:
             raise UpstreamError(self.role, "malformed JSON answer") from exc
 
+    async def _take_slot(self) -> None:
+        """One of the in-flight slots, waited for at most `pool` seconds: clients that hold
+        every slot (streams nobody reads, say) must not keep the next request waiting forever."""
+        try:
+            async with asyncio.timeout(self._pool):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamBusy(
+                self.role, f"all {self._max_in_flight} request slots stayed busy for {self._pool:g} s"
+            ) from None
+
     async def complete(self, call: CompletionCall) -> Completion:
         dialect = await self.dialect()
         parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=False)
-        async with self._slots:
+        await self._take_slot()
+        try:
             reply = parse(await self._json(dialect.completion(call, self.model, stream=False)))
+        finally:
+            self._slots.release()
         return Completion(tuple(reply.tokens), reply.finish_reason, reply.prompt_tokens)
 
     def stream(self, call: CompletionCall, *, slot_taken: asyncio.Event | None = None) -> CompletionStream:
@@ -284,7 +301,7 @@ class UpstreamClient:
         dialect = await self.dialect()
         parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=True)
         wire = dialect.completion(call, self.model, stream=True)
-        await self._slots.acquire()
+        await self._take_slot()
         if slot_taken is not None:
             slot_taken.set()
         try:

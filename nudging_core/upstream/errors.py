@@ -24,6 +24,11 @@ class UpstreamUnreachable(UpstreamError):
     """An upstream could not be reached, or broke the connection before its answer ended."""
 
 
+class UpstreamBusy(UpstreamError):
+    """All of an upstream's `max_in_flight` slots stayed taken for its `pool` timeout: the
+    request never reached it. Not retried: another wait would pass the deadline."""
+
+
 class ContextOverflow(UpstreamError):
     """The prompt plus the requested tokens exceed the upstream model's context."""
 
