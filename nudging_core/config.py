@@ -12,12 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from nudging_core.methods import METHODS, Method
 from nudging_core.nudging import NudgingParams, Strategy
 from nudging_core.templates import AUTO_TEMPLATE, BUILTIN_TEMPLATES, JINJA_SUFFIXES
-from nudging_core.upstream import DIALECT_NAMES, Timeouts
+from nudging_core.upstream import DIALECT_NAMES, AnswerCaps, Timeouts
 
 # One place for the nudging settings' defaults (the core's own) and bounds (a model's config
 # and a request's `nudging` extension share them).
 _NUDGING = NudgingParams()
 _TIMEOUTS = Timeouts()
+_CAPS = AnswerCaps()
 Threshold = Annotated[float, Field(gt=0, le=1)]
 LookaheadTokens = Annotated[int, Field(ge=1, le=256)]
 
@@ -69,6 +70,16 @@ class UpstreamConfig(Strict):
     eos_token: str = ""
     max_in_flight: int = Field(64, ge=1)
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    # At least 64 KiB: a few events' worth, so a typo cannot make every answer fail.
+    max_answer_bytes: int = Field(
+        _CAPS.body, ge=64 * 1024, description="the largest JSON answer read; a larger one is a 502"
+    )
+    max_event_bytes: int = Field(
+        _CAPS.event, ge=64 * 1024, description="the largest stream event (line) read; a larger one fails it"
+    )
+
+    def answer_caps(self) -> AnswerCaps:
+        return AnswerCaps(body=self.max_answer_bytes, event=self.max_event_bytes)
 
     @field_validator("url")
     @classmethod

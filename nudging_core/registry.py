@@ -63,6 +63,7 @@ class ModelRegistry:
                 api_key=upstream.api_key(),
                 dialect=upstream.dialect,
                 timeouts=upstream.timeouts.to_timeouts(),
+                caps=upstream.answer_caps(),
                 max_in_flight=upstream.max_in_flight,
                 cooldown=upstream.cooldown_seconds,
             )

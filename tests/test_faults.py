@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from nudging_core.config import parse_config
 from server.app import create_app as create_proxy
@@ -31,6 +33,8 @@ from .servers import running
 
 QUESTION = "Why do leaves change color in autumn?"
 TIMEOUTS = {"connect": 2, "read": 1, "first_byte": 1}
+# Small caps on an answer's size, so that answers over them stay small too.
+CAPS = {"max_answer_bytes": 64 * 1024, "max_event_bytes": 64 * 1024}
 # A small pool, so connections the proxy fails to give back soon leave none for the next request.
 MAX_IN_FLIGHT = 8
 
@@ -117,9 +121,9 @@ def stack() -> Iterator[Stack]:
         base = stack.enter_context(running(create_simulator("base", time_scale=0.02)))
         aligned = stack.enter_context(running(create_simulator("aligned", time_scale=0.02)))
         roles = {"base": {"url": base + "/v1", "model": "base", "timeouts": TIMEOUTS,
-                          "max_in_flight": MAX_IN_FLIGHT},
+                          "max_in_flight": MAX_IN_FLIGHT, **CAPS},
                  "nudging": {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml",
-                             "timeouts": TIMEOUTS, "max_in_flight": MAX_IN_FLIGHT}}
+                             "timeouts": TIMEOUTS, "max_in_flight": MAX_IN_FLIGHT, **CAPS}}
         config = parse_config({"models": [
             {"name": "nudged", **roles},
             {"name": "no-retry", "retries": 0, **roles},
@@ -175,6 +179,8 @@ EXPECTED: dict[str, str | None] = {
     "stall": "upstream_timeout",  # 504: no event within read
     "no_logprobs": "upstream_error",
     "context_overflow": "context_length_exceeded",  # 400
+    "oversized=32": None,  # a large answer, but under the caps
+    "oversized=128": "upstream_error",  # over them: 502, "answer too large"
     # Valid JSON of the wrong shape: a 502 like a body that is not JSON.
     **{f"misshapen={shape}": "upstream_error" for shape in range(len(MISSHAPEN))},
 }
@@ -203,6 +209,8 @@ def test_fault_matrix(stack: Stack, fault: str, role: str, stream: bool) -> None
         assert outcome.status == STATUS[expected] or stream
         named = "prompt is too long" if expected == "context_length_exceeded" else f"The {role} model"
         assert named in outcome.message
+        if fault.startswith("oversized"):
+            assert "answer too large" in outcome.message, outcome.raw
     for upstream in stack.upstreams.values():
         assert upstream.removeprefix("http://") not in outcome.raw
     assert "127.0.0.1" not in outcome.raw
@@ -314,6 +322,52 @@ def test_base_failure_does_not_fall_back(stack: Stack) -> None:
     finally:
         stack.clear()
     assert (outcome.status, outcome.code) == (502, "upstream_error")
+
+
+# --- An answer that never ends -------------------------------------------------------------
+
+
+class EndlessUpstream:
+    """A raw ASGI upstream whose completion never ends: one JSON body, or one line of a stream,
+    that grows until its client leaves (which `left` records)."""
+
+    def __init__(self) -> None:
+        self.left = threading.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        stream = bool(json.loads(body or b"{}").get("stream"))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream" if stream else b"application/json")]})
+        await send({"type": "http.response.body", "body": b'data: {"text": "' if stream else b'{"text": "',
+                    "more_body": True})
+        disconnected = asyncio.ensure_future(receive())  # the next message is the disconnect
+        while not disconnected.done():
+            await send({"type": "http.response.body", "body": b"x" * 8192, "more_body": True})
+            await asyncio.sleep(0)
+        self.left.set()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_endless_answer_stops_at_its_cap(stream: bool) -> None:
+    upstream = EndlessUpstream()
+    with running(upstream) as url:
+        config = parse_config({"models": [{"name": "base-only", "method": "base_only", "base": {
+            "url": url + "/v1", "model": "base", "dialect": "vllm", "timeouts": TIMEOUTS, **CAPS}}]})
+        with running(create_proxy(config)) as proxy:
+            outcome = ask(Stack(proxy, {}), "base-only", stream=stream)
+            assert upstream.left.wait(5), "the proxy kept reading"
+    # Before its first event, so a stream too is a 502.
+    assert (outcome.status, outcome.code) == (502, "upstream_error"), outcome.raw
+    assert "The base model" in outcome.message and "answer too large" in outcome.message
+    assert len(outcome.raw) < 1000  # none of the endless answer reached the client
 
 
 # --- The simulator's faults, seen directly -------------------------------------------------

@@ -1,7 +1,7 @@
 """Clients for OpenAI-compatible completions upstreams."""
 
 from .call import CompletionCall
-from .client import CompletionStream, Timeouts, UpstreamClient
+from .client import AnswerCaps, CompletionStream, Timeouts, UpstreamClient
 from .dialects import DIALECT_NAMES
 from .errors import ContextFull, ContextOverflow, NoChatTemplate, UpstreamBusy, UpstreamError, UpstreamTimeout
 from .health import ReplicaHealth
@@ -10,6 +10,7 @@ from .protocol import Upstream, UpstreamStream
 from .replicas import ReplicaSet
 
 __all__ = [
+    "AnswerCaps",
     "DIALECT_NAMES",
     "MemoryUpstream",
     "Upstream",

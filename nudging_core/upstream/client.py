@@ -22,6 +22,7 @@ import httpx
 
 from nudging_core.types import Completion
 
+from .bounded import OverLimit, bounded_lines, read_bounded
 from .call import CompletionCall
 from .dialects import DIALECTS, Dialect, Parser, Reply, Request, detect
 from .errors import (
@@ -84,6 +85,28 @@ class Timeouts:
         return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
 
 
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerCaps:
+    """The most of an upstream's answer the proxy buffers; a larger one is a failed answer.
+
+    A JSON body's largest legitimate size is an `echo` with the prompt's logprobs: with
+    vLLM's top-20 (`--max-logprobs` 20) about 700 bytes per prompt token, some 45 MiB for a
+    64k-token prompt. A streamed event is a few KiB but for the first event of such an echo,
+    which carries the prompt's logprobs too.
+    """
+
+    body: int = 64 * MIB  # a whole JSON answer
+    event: int = 16 * MIB  # one line of a stream (vLLM sends each event as one `data:` line)
+
+
+def _too_large(role: str, what: str, setting: str, error: OverLimit) -> UpstreamError:
+    # Like a malformed answer: the upstream's fault, not worth a retry, no reason to skip it.
+    return UpstreamError(role, f"answer too large: {what} is over {error.limit} bytes ({setting})")
+
+
 def _error_message(response_text: str) -> str:
     try:
         payload = json.loads(response_text)
@@ -132,6 +155,7 @@ class UpstreamClient:
         api_key: str | None = None,
         dialect: str = "auto",
         timeouts: Timeouts = Timeouts(),
+        caps: AnswerCaps = AnswerCaps(),
         max_in_flight: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
         health: ReplicaHealth | None = None,
@@ -151,6 +175,7 @@ class UpstreamClient:
         self._max_in_flight = max_in_flight
         self._pool = timeouts.pool
         self._first_byte = timeouts.first_byte
+        self.caps = caps
         # Failures below HTTP are seen by the replica's transport; a wait for headers that runs
         # out is ours to report.
         self._health = health
@@ -249,7 +274,9 @@ class UpstreamClient:
 
     async def _read(self, response: httpx.Response) -> bytes:
         try:
-            return await response.aread()
+            return await read_bounded(response.aiter_bytes(), self.caps.body)
+        except OverLimit as exc:
+            raise _too_large(self.role, "its body", "max_answer_bytes", exc) from None
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(self.role, "timed out") from exc
         except httpx.HTTPError as exc:
@@ -400,23 +427,25 @@ class CompletionStream(StreamProgress):
         assert self._response is not None and self._parse is not None, "use `async with` first"
         role = self._client.role
         try:
-            async for line in self._response.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in bounded_lines(self._response.aiter_bytes(), self._client.caps.event):
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 try:
                     payload = json.loads(data)
                 except ValueError as exc:
                     raise UpstreamError(role, "malformed stream event") from exc
                 if isinstance(payload, dict) and "error" in payload:
-                    _raise_stream_error(role, data, payload)
+                    _raise_stream_error(role, data.decode("utf-8", "replace"), payload)
                 reply = self._parse(payload)
                 yield reply
                 self.note(reply)
                 if reply.last:
                     break
+        except OverLimit as exc:
+            raise _too_large(role, "one stream event", "max_event_bytes", exc) from None
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(role, "timed out mid-stream") from exc
         except httpx.HTTPError as exc:

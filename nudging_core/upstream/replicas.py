@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
-from .client import Timeouts, UpstreamClient
+from .client import AnswerCaps, Timeouts, UpstreamClient
 from .health import ReplicaHealth
 
 DEFAULT_TIMEOUTS = Timeouts()
+DEFAULT_CAPS = AnswerCaps()
 
 
 class _ObservedStream(httpx.AsyncByteStream):
@@ -91,6 +92,7 @@ class ReplicaSet:
         api_key: str | None = None,
         dialect: str = "auto",
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        caps: AnswerCaps = DEFAULT_CAPS,
         max_in_flight: int = 64,
         cooldown: float = 10.0,
     ) -> ReplicaSet:
@@ -103,7 +105,7 @@ class ReplicaSet:
             )
             clients.append(
                 UpstreamClient(
-                    url, model, role=role, api_key=api_key, dialect=dialect, timeouts=timeouts,
+                    url, model, role=role, api_key=api_key, dialect=dialect, timeouts=timeouts, caps=caps,
                     max_in_flight=max_in_flight, transport=HealthTransport(pool, health), health=health,
                 )
             )

@@ -59,6 +59,8 @@ from .faults import (
     ModelsFaults,
     connection_closer,
     disrupt,
+    padded,
+    padded_second_event,
     slowed,
     until_disconnected,
     whole_answer_fault,
@@ -221,11 +223,16 @@ def create_app(
                              prompt_only=sampling.max_tokens == 0)
             if fault is not None and fault.name in STREAM_FAULTS:
                 events = disrupt(fault, events, request.scope)
+            if fault is not None and fault.name == "oversized":
+                events = padded_second_event(events, fault.events)
             return EventStream(events)
         collected = await _unless_client_leaves(request, _collect(steps))
         if collected is None:
             return Response(status_code=499)  # nobody is listening any more
-        return JSONResponse(reply.full(collected, outcome, count))
+        full = reply.full(collected, outcome, count)
+        if fault is not None and fault.name == "oversized":
+            full = padded(full, fault.events)
+        return JSONResponse(full)
 
     return app
 

@@ -30,6 +30,8 @@ Faults (ARG in brackets, with its default):
   ``MISSHAPEN`` (choices not a list, a number for text, a string for logprobs, ...): the whole
   answer, or a stream's second event.
 - ``no_logprobs``: completions only; the answer carries ``"logprobs": null``.
+- ``oversized[=1024]``: completions only; the answer padded (a ``"padding"`` string field) to
+  about ARG KiB: the whole JSON body, or a stream's second event.
 - ``context_overflow``: completions only; vLLM's 400 "This model's maximum context length is
   N tokens. However, you requested M tokens (...)".
 
@@ -82,9 +84,10 @@ _FAULTS: Final[dict[str, _FaultKind]] = {
     "misshapen": _FaultKind(COMPLETIONS, 0),
     "no_logprobs": _FaultKind(COMPLETIONS, None),
     "context_overflow": _FaultKind(COMPLETIONS, None),
+    "oversized": _FaultKind(COMPLETIONS, 1024),
 }
 _EVENT_COUNTS: Final = frozenset({"malformed", "stream_cut", "stall"})
-_WHOLE_NUMBER_ARGS: Final = _EVENT_COUNTS | {"misshapen"}
+_WHOLE_NUMBER_ARGS: Final = _EVENT_COUNTS | {"misshapen", "oversized"}
 # The events of a stream that go out before its fault (besides _EVENT_COUNTS' own argument).
 STREAM_FAULTS: Final = _EVENT_COUNTS | {"misshapen"}
 
@@ -355,6 +358,24 @@ async def disrupt(fault: Fault, events: AsyncGenerator[str, None], scope: Scope)
         await asyncio.Event().wait()  # a stall: until the server cancels us as the client leaves
     finally:
         await events.aclose()  # the generation behind the events ends with the answer
+
+
+def padded(answer: dict[str, Any], kib: int) -> dict[str, Any]:
+    """An answer grown to about `kib` KiB by a field clients ignore."""
+    return {**answer, "padding": "x" * (kib * 1024)}
+
+
+async def padded_second_event(events: AsyncGenerator[str, None], kib: int) -> AsyncGenerator[str, None]:
+    """A stream's events, its second one grown to about `kib` KiB (see `padded`)."""
+    try:
+        sent = 0
+        async for event in events:
+            if sent == 1 and event.startswith("data: {"):
+                event = f"data: {json.dumps(padded(json.loads(event[len('data: '):]), kib))}\n\n"
+            yield event
+            sent += 1
+    finally:
+        await events.aclose()
 
 
 async def slowed(steps: AsyncGenerator[T, None], seconds: float) -> AsyncGenerator[T, None]:
