@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import Completion, Model
@@ -219,7 +220,7 @@ def test_openai_n_choices(stack: Stack) -> None:
     assert [choice.index for choice in chat.choices] == [0, 1]
 
 
-@pytest.mark.parametrize("model", ["nudged", "base-only"])
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
 def test_openai_batched_prompts(stack: Stack, model: str) -> None:
     completion = sdk(stack).completions.create(model=model, prompt=PROMPTS, max_tokens=8)
     assert sorted(choice.index for choice in completion.choices) == [0, 1]
@@ -240,25 +241,46 @@ def test_openai_models_retrieve_and_errors(stack: Stack) -> None:
 # --- langchain-openai -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def chat_model(stack: Stack) -> Any:
+def chat_openai(stack: Stack, model: str, **settings: Any) -> Any:
     langchain_openai = pytest.importorskip("langchain_openai")
-    return langchain_openai.ChatOpenAI(model="nudged", base_url=stack.v1, api_key="unused", max_retries=0,
-                                       max_tokens=24)
+    return langchain_openai.ChatOpenAI(model=model, base_url=stack.v1, api_key="unused", max_retries=0,
+                                       max_tokens=24, **settings)
 
 
-def test_langchain_chat_invoke_stream_batch(chat_model: Any) -> None:
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+def test_langchain_chat_invoke_stream_batch(stack: Stack, model: str) -> None:
+    chat_model = chat_openai(stack, model)
     assert chat_model.invoke(QUESTION).content
     assert "".join(str(chunk.content) for chunk in chat_model.stream(QUESTION))
     answers = chat_model.batch([QUESTION, "How do bees make honey?"])
     assert len(answers) == 2 and all(answer.content for answer in answers)
 
 
-async def test_langchain_chat_astream(chat_model: Any) -> None:
-    assert "".join([str(chunk.content) async for chunk in chat_model.astream(QUESTION)])
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+async def test_langchain_chat_astream(stack: Stack, model: str) -> None:
+    # Its own client: langchain shares a default one per base URL, bound to the first test's loop.
+    async with httpx.AsyncClient() as client:
+        chat_model = chat_openai(stack, model, http_async_client=client)
+        assert "".join([str(chunk.content) async for chunk in chat_model.astream(QUESTION)])
 
 
-@pytest.mark.parametrize("model", ["nudged", "base-only"])
+def weather(city: str) -> str:
+    """The weather in a city."""
+    return "sunny"
+
+
+def test_langchain_bind_tools(stack: Stack) -> None:
+    passthrough = chat_openai(stack, "aligned-only").bind_tools([weather])
+    # Chat is rendered as the upstream's completion: the tools reach it and are not acted on.
+    answer = passthrough.invoke("What is the weather in Paris?")
+    assert answer.content and answer.tool_calls == []
+    nudged = chat_openai(stack, "nudged").bind_tools([weather])
+    with pytest.raises(openai.BadRequestError) as raised:
+        nudged.invoke("What is the weather in Paris?")
+    assert raised.value.param == "tools"
+
+
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
 def test_langchain_completions_llm_batches_list_prompts(stack: Stack, model: str) -> None:
     langchain_openai = pytest.importorskip("langchain_openai")
     # Left at its default batch_size (20): it sends the prompts as one list. No tiktoken call:
@@ -281,15 +303,17 @@ def litellm() -> Any:
     return pytest.importorskip("litellm")
 
 
-def test_litellm_completion_streamed_and_not(stack: Stack, litellm: Any) -> None:
-    route = {"model": "openai/nudged", "api_base": stack.v1, "api_key": "unused", "max_tokens": 24}
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+def test_litellm_completion_streamed_and_not(stack: Stack, litellm: Any, model: str) -> None:
+    route = {"model": f"openai/{model}", "api_base": stack.v1, "api_key": "unused", "max_tokens": 24}
     assert litellm.completion(messages=MESSAGES, **route).choices[0].message.content
     chunks = litellm.completion(messages=MESSAGES, stream=True, **route)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
 
 
-def test_litellm_text_completion(stack: Stack, litellm: Any) -> None:
-    answer = litellm.text_completion(model="openai/base-only", prompt=PROMPTS[0], api_base=stack.v1,
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+def test_litellm_text_completion(stack: Stack, litellm: Any, model: str) -> None:
+    answer = litellm.text_completion(model=f"openai/{model}", prompt=PROMPTS[0], api_base=stack.v1,
                                      api_key="unused", max_tokens=8)
     assert answer.choices[0].text
 
