@@ -196,26 +196,31 @@ def test_openai_completions_streamed_and_not(stack: Stack, model: str) -> None:
     assert "".join(c.choices[0].text for c in stream if c.choices)
 
 
-def test_openai_stream_helper(stack: Stack) -> None:
-    with sdk(stack).chat.completions.stream(model="nudged", messages=MESSAGES, max_tokens=500) as stream:
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+def test_openai_stream_helper(stack: Stack, model: str) -> None:
+    # A stop string ends it: the helper raises LengthFinishReasonError on finish_reason "length".
+    with sdk(stack).chat.completions.stream(model=model, messages=MESSAGES, max_tokens=200,
+                                            stop=["."]) as stream:
         deltas = "".join(event.delta for event in stream if event.type == "content.delta")
         final = stream.get_final_completion()
     assert deltas and final.choices[0].message.content == deltas
 
 
-def test_openai_logprobs_on_a_passthrough_model(stack: Stack) -> None:
+@pytest.mark.parametrize("model", ["base-only", "aligned-only"])
+def test_openai_logprobs_on_a_passthrough_model(stack: Stack, model: str) -> None:
     client = sdk(stack)
-    chat = client.chat.completions.create(model="base-only", messages=MESSAGES, max_tokens=8,
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8,
                                           logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs and chat.choices[0].logprobs.content
     assert content and len(content[0].top_logprobs) == 3
-    completion = client.completions.create(model="base-only", prompt=PROMPTS[0], max_tokens=8, logprobs=2)
+    completion = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, logprobs=2)
     logprobs = completion.choices[0].logprobs
     assert logprobs is not None and logprobs.tokens and logprobs.top_logprobs
 
 
-def test_openai_n_choices(stack: Stack) -> None:
-    chat = sdk(stack).chat.completions.create(model="nudged", messages=MESSAGES, max_tokens=12, n=2,
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+def test_openai_n_choices(stack: Stack, model: str) -> None:
+    chat = sdk(stack).chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, n=2,
                                               temperature=1.0, seed=3)
     assert [choice.index for choice in chat.choices] == [0, 1]
 
@@ -318,8 +323,9 @@ def test_litellm_text_completion(stack: Stack, litellm: Any, model: str) -> None
     assert answer.choices[0].text
 
 
-async def test_litellm_acompletion(stack: Stack, litellm: Any) -> None:
-    answer = await litellm.acompletion(model="openai/nudged", messages=MESSAGES, api_base=stack.v1,
+@pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
+async def test_litellm_acompletion(stack: Stack, litellm: Any, model: str) -> None:
+    answer = await litellm.acompletion(model=f"openai/{model}", messages=MESSAGES, api_base=stack.v1,
                                        api_key="unused", max_tokens=24)
     assert answer.choices[0].message.content
 
