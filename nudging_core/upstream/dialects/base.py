@@ -10,11 +10,29 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final, TypeVar
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from nudging_core.types import Token
 
 from ..call import CompletionCall
+from ..errors import UpstreamError
+
+# The pydantic config of the shapes a dialect checks answers against: exact JSON types, and
+# fields a server adds beyond them kept.
+ANSWER_SHAPE: Final = ConfigDict(extra="allow", strict=True)
+
+Shape = TypeVar("Shape")
+
+
+def checked(shape: TypeAdapter[Shape], role: str, payload: Any, what: str) -> Shape:
+    """`payload` as `shape`, or an `UpstreamError` naming where a `what` answer went wrong."""
+    try:
+        return shape.validate_python(payload)
+    except ValidationError as exc:
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+        raise UpstreamError(role, f"malformed {what} (at {where or 'top level'})") from None
 
 
 @dataclass(slots=True)

@@ -13,36 +13,33 @@ import math
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Final, Required
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from pydantic import Field, TypeAdapter, with_config
 from typing_extensions import TypedDict
 
 from nudging_core.types import Token
 
 from ..call import CompletionCall
 from ..errors import UpstreamError
-from .base import Dialect, Parser, Reply, Request, Sender
+from .base import ANSWER_SHAPE, Dialect, Parser, Reply, Request, Sender, checked
 
 FINISH_REASONS = {"eos": "stop", "word": "stop", "limit": "length"}
 
 
 # The fields read here, with their JSON types; anything else is an UpstreamError, not a
 # TypeError further on (see the OpenAI dialect).
-_SHAPE: Final = ConfigDict(extra="allow", strict=True)
-
-
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Alternative(TypedDict, total=False):
     token: str
     logprob: float
 
 
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Probability(_Alternative, total=False):
     bytes: list[Annotated[int, Field(ge=0, le=255)]] | None
     top_logprobs: list[_Alternative] | None
 
 
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Answer(TypedDict, total=False):
     content: Required[str | None]
     completion_probabilities: list[_Probability] | None
@@ -55,11 +52,7 @@ _ANSWER: Final = TypeAdapter(_Answer)
 
 
 def _answer(role: str, payload: Any) -> _Answer:
-    try:
-        return _ANSWER.validate_python(payload)
-    except ValidationError as exc:
-        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
-        raise UpstreamError(role, f"malformed llama-server response (at {where or 'top level'})") from None
+    return checked(_ANSWER, role, payload, "llama-server response")
 
 
 def _token_bytes(entry: _Probability) -> bytes:

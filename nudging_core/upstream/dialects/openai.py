@@ -11,24 +11,21 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Final
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from pydantic import TypeAdapter, with_config
 from typing_extensions import TypedDict
 
 from nudging_core.types import Token
 
 from ..call import CompletionCall
 from ..errors import UpstreamError
-from .base import Dialect, Parser, Reply, Request, Sender
+from .base import ANSWER_SHAPE, Dialect, Parser, Reply, Request, Sender, checked
 
 NEG_INF = -math.inf
 
 # The fields of an answer (or stream event) read here, with their JSON types: anything else
 # is a server bug or not a completions server, and must fail as an UpstreamError rather than
 # as a TypeError somewhere further on. Unknown keys are kept (passthrough forwards logprobs).
-_SHAPE: Final = ConfigDict(extra="allow", strict=True)
-
-
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Logprobs(TypedDict, total=False):
     tokens: list[str] | None
     token_logprobs: list[float | None] | None
@@ -36,20 +33,20 @@ class _Logprobs(TypedDict, total=False):
     text_offset: list[int] | None
 
 
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Choice(TypedDict, total=False):
     text: str | None
     finish_reason: str | None
     logprobs: _Logprobs | None
 
 
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Usage(TypedDict, total=False):
     prompt_tokens: int | None
     completion_tokens: int | None
 
 
-@with_config(_SHAPE)
+@with_config(ANSWER_SHAPE)
 class _Answer(TypedDict, total=False):
     choices: list[_Choice] | None
     usage: _Usage | None
@@ -59,11 +56,7 @@ _ANSWER: Final = TypeAdapter(_Answer)
 
 
 def _answer(role: str, payload: Any) -> _Answer:
-    try:
-        return _ANSWER.validate_python(payload)
-    except ValidationError as exc:
-        where = ".".join(str(part) for part in exc.errors()[0]["loc"])
-        raise UpstreamError(role, f"malformed completions response (at {where or 'top level'})") from None
+    return checked(_ANSWER, role, payload, "completions response")
 
 
 def _top_logprob(chosen: float | None, top: dict[str, float | None] | None) -> float:
