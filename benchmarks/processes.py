@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -25,13 +26,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], health: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{url} exited with code {process.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + health, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -40,10 +41,12 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 6
 
 
 @contextmanager
-def _process(command: list[str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _process(command: list[str], url: str, health: str = "/health",
+             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=None if env is None else {**os.environ, **env})
     try:
-        _wait_healthy(url, process)
+        _wait_healthy(url, process, health)
         yield process
     finally:
         process.terminate()
@@ -76,6 +79,34 @@ def proxy(models: list[dict[str, Any]], server: dict[str, Any] | None = None) ->
         config.write_text(yaml.safe_dump({"server": settings, "models": models}))
         with _process([*CLI, "serve", "--config", str(config)], url) as process:
             yield url, process.pid
+
+
+def has_litellm_proxy(python: str) -> bool:
+    """Whether `python` can run LiteLLM's proxy (`pip install litellm[proxy]`, the `bench` extra)."""
+    done = subprocess.run([python, "-c", "import litellm.proxy.proxy_server"], capture_output=True)
+    return done.returncode == 0
+
+
+@contextmanager
+def litellm_proxy(python: str, name: str, upstream: str) -> Iterator[str]:
+    """LiteLLM's proxy (one worker, no database, no callbacks) serving model `name` from the
+    OpenAI-compatible completions API at `upstream` (…/v1); yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # `text-completion-openai/`: LiteLLM passes /v1/completions on as completions, not as chat.
+    model = {"model_name": name, "litellm_params": {
+        "model": f"text-completion-openai/{name}", "api_base": upstream, "api_key": "unused"}}
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "litellm.yaml"
+        config.write_text(yaml.safe_dump({"model_list": [model], "litellm_settings": {"telemetry": False}}))
+        command = [python, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--host", "127.0.0.1",
+                   "--port", str(port), "--num_workers", "1"]
+        # The bundled model price list rather than a download at start; errors only in its log;
+        # no API keys, as for our proxy (LiteLLM refuses to start without one unless told).
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+        with _process(command, url, health="/health/liveliness", env=env):
+            yield url
 
 
 def percentile(values: list[float], fraction: float) -> float:

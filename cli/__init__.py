@@ -9,18 +9,14 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 
-import uvicorn
 from fastapi import FastAPI
-from sse_starlette.sse import AppStatus
 
+from cli.serving import exit_after_shutdown, serve
 from cli.stack import Launcher, local_launcher, run_stack, simulator_launcher
 from nudging_core.config import Config, ConfigError, load_config
 from nudging_eval import cli as evaluation
 from server.app import create_app
-from server.connections import uvicorn_options
-from server.logs import configure_logging, secrets_of
 from upstreams.local import cli as local_upstream
 from upstreams.simulator import app as simulator
 
@@ -30,29 +26,6 @@ def _load(path: str) -> Config:
         return load_config(path)
     except ConfigError as error:
         sys.exit(f"nudging-proxy: {error}")
-
-
-def serve(config: Config, host: str | None, port: int | None, app: FastAPI | None = None) -> None:
-    """Serve until SIGTERM or Ctrl-C; then stop accepting, let running requests finish for up
-    to `shutdown_grace_seconds`, and end the rest (server/shutdown.py)."""
-    configure_logging(config.server.log_level, secrets_of(config))
-    # sse-starlette ends every open stream as soon as uvicorn is told to stop; streams should
-    # rather run on through the grace period.
-    AppStatus.enable_automatic_graceful_drain = False
-    uvicorn.run(
-        app or create_app(config),
-        host=host or config.server.host,
-        port=port or config.server.port,
-        log_config=None,
-        access_log=False,  # ours carries the request id, model and tokens (server/observability.py)
-        timeout_graceful_shutdown=config.server.shutdown_grace_seconds,
-        **uvicorn_options(config.server),
-    )
-
-
-def _exit_after_shutdown(signum: int, frame: FrameType | None) -> None:
-    # uvicorn raises the signal again once it has shut down; a clean shutdown exits 0.
-    sys.exit(0)
 
 
 def _serve_with_banner(config: Config, args: argparse.Namespace, app: FastAPI) -> None:
@@ -66,7 +39,7 @@ def _serve_with_banner(config: Config, args: argparse.Namespace, app: FastAPI) -
         f""""content": "Why is the sky blue?"}}]}}'\n""",
         flush=True,
     )
-    serve(config, host, port, app)
+    serve(config, host, port, app=app)
 
 
 def _run_stack(config: Config, launch: Launcher, args: argparse.Namespace, startup_timeout: float) -> None:
@@ -82,11 +55,19 @@ def _proxy_arguments(parser: argparse.ArgumentParser, default_config: str | None
     parser.add_argument("--port", type=int, help="overrides server.port")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nudging-proxy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    _proxy_arguments(commands.add_parser("serve", help="run the OpenAI-compatible proxy"), None)
+    serving = commands.add_parser("serve", help="run the OpenAI-compatible proxy")
+    _proxy_arguments(serving, None)
+    serving.add_argument("--workers", type=_positive, help="worker processes; overrides server.workers")
 
     demo = commands.add_parser(
         "demo", help="start the bundled CPU models (Gemma 3 270M nudged by SmolLM2-135M), then the proxy"
@@ -114,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        signal.signal(signal.SIGTERM, _exit_after_shutdown)
-        signal.signal(signal.SIGINT, _exit_after_shutdown)
-        serve(_load(args.config), args.host, args.port)
+        signal.signal(signal.SIGTERM, exit_after_shutdown)
+        signal.signal(signal.SIGINT, exit_after_shutdown)
+        serve(_load(args.config), args.host, args.port, args.workers)
     elif args.command == "simulate":
         simulator.run(args)
     elif args.command == "local-upstream":

@@ -29,12 +29,16 @@ class RoleCaller:
         stats: GenerationStats,
         sampling: SamplingParams,
         choice_index: int = 0,
+        top_k: int = 1,
     ) -> None:
         self.client = client
         self.role: Role = role
         self._stats = stats
         self._sampling = sampling
         self._choice_index = choice_index
+        # The logprobs per position nudging's calls ask for: the rule reads the base's top-1,
+        # and a client asking for logprobs gets its k from the model that wrote each token.
+        self.top_k = top_k
 
     def call(
         self,
@@ -42,7 +46,7 @@ class RoleCaller:
         max_tokens: int,
         *,
         round_index: int,
-        logprobs: int | None = 1,
+        logprobs: int | None,
         stop: tuple[str, ...] = (),
         extra: dict[str, Any] | None = None,
         seed_as_sent: bool = False,
@@ -64,12 +68,14 @@ class RoleCaller:
         )
 
     async def complete(
-        self, prompt: str, max_tokens: int, *, round_index: int, logprobs: int | None = 1
+        self, prompt: str, max_tokens: int, *, round_index: int, logprobs: int | None = None
     ) -> Completion:
+        """One whole completion, with `logprobs` per position (None: the caller's `top_k`)."""
         self._stats.upstream_requests[self.role] += 1
+        top_k = self.top_k if logprobs is None else logprobs
         try:
             completion = await self.client.complete(
-                self.call(prompt, max_tokens, round_index=round_index, logprobs=logprobs)
+                self.call(prompt, max_tokens, round_index=round_index, logprobs=top_k)
             )
         except asyncio.CancelledError:
             self._stats.cancelled_requests[self.role] += 1
@@ -85,7 +91,9 @@ class RoleCaller:
     def stream(
         self, prompt: str, max_tokens: int, *, round_index: int, slot_taken: asyncio.Event | None = None
     ) -> AbstractAsyncContextManager[CountedStream]:
-        return self.stream_call(self.call(prompt, max_tokens, round_index=round_index), slot_taken)
+        return self.stream_call(
+            self.call(prompt, max_tokens, round_index=round_index, logprobs=self.top_k), slot_taken
+        )
 
     @asynccontextmanager
     async def stream_call(

@@ -17,7 +17,6 @@ from nudging_core.upstream import DIALECT_NAMES, AnswerCaps, Timeouts
 # One place for the nudging settings' defaults (the core's own) and bounds (a model's config
 # and a request's `nudging` extension share them).
 _NUDGING = NudgingParams()
-_TIMEOUTS = Timeouts()
 _CAPS = AnswerCaps()
 Threshold = Annotated[float, Field(gt=0, le=1)]
 LookaheadTokens = Annotated[int, Field(ge=1, le=256)]
@@ -36,18 +35,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TimeoutsConfig(Strict):
-    connect: float = Field(_TIMEOUTS.connect, gt=0)
-    read: float = Field(_TIMEOUTS.read, gt=0, description="also the longest wait between two stream events")
-    first_byte: float = Field(
-        _TIMEOUTS.first_byte, gt=0, description="from sending a request until its response headers"
-    )
-    write: float = Field(_TIMEOUTS.write, gt=0)
-    pool: float = Field(_TIMEOUTS.pool, gt=0)
-
-    def to_timeouts(self) -> Timeouts:
-        return Timeouts(connect=self.connect, read=self.read, first_byte=self.first_byte, write=self.write,
-                        pool=self.pool)
+POOL_SETTINGS = frozenset(
+    {"max_in_flight", "timeouts", "cooldown_seconds", "max_answer_bytes", "max_event_bytes"}
+)
+UPSTREAM_ROLES = ("base", "nudging", "nudging_base")
 
 
 class UpstreamConfig(Strict):
@@ -69,7 +60,7 @@ class UpstreamConfig(Strict):
     bos_token: str = ""
     eos_token: str = ""
     max_in_flight: int = Field(64, ge=1)
-    timeouts: TimeoutsConfig = TimeoutsConfig()
+    timeouts: Timeouts = Timeouts()
     # At least 64 KiB: a few events' worth, so a typo cannot make every answer fail.
     max_answer_bytes: int = Field(
         _CAPS.body, ge=64 * 1024, description="the largest JSON answer read; a larger one is a 502"
@@ -131,6 +122,15 @@ class UpstreamConfig(Strict):
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    def sharing_key(self, role: str) -> tuple[tuple[str, ...], str, str | None, str, str]:
+        """Upstreams with the same key are one set of connections and slots, whichever models
+        name them (the registry builds it once)."""
+        return (tuple(self.endpoints), self.model, self.api_key_env, self.dialect, role)
+
+    def pool_settings(self) -> dict[str, object]:
+        """The settings of the shared connections and slots, which sharers must agree on."""
+        return self.model_dump(include=set(POOL_SETTINGS))
+
 
 class ModelConfig(Strict):
     name: str = Field(min_length=1)
@@ -167,6 +167,23 @@ class ModelConfig(Strict):
     on_nudger_failure: Literal["error", "base_only"] = Field(
         "error", description="base_only: answer with the base model alone when the nudging upstream fails"
     )
+    passthrough: Literal["completions", "chat"] | None = Field(
+        None, description="base_only and nudging_only: chat requests go to the upstream's "
+        "/v1/chat/completions as they came (chat) or are rendered by the proxy (completions); "
+        "unset: chat where the upstream renders its template (chat_template: auto)",
+    )
+    on_tools: Literal["error", "nudging_only"] = Field(
+        "error", description="nudging: a chat request with tools, tool_choice or response_format is "
+        "refused (error) or answered by the nudging model alone through its chat endpoint (nudging_only)",
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="requests of this model running at once (None: no limit); "
+        "more wait in a queue, answered 429 with Retry-After when it is full or their wait ends"
+    )
+    max_queued: int = Field(64, ge=0, description="requests waiting for a place when max_concurrent run")
+    queue_timeout_seconds: float = Field(
+        10, gt=0, description="the longest a request waits in the queue before its 429"
+    )
 
     @model_validator(mode="after")
     def _roles_present(self) -> ModelConfig:
@@ -179,7 +196,23 @@ class ModelConfig(Strict):
             raise ValueError("the nudging upstream needs a chat_template")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens exceeds max_tokens_limit")
+        if self.passthrough is not None and method.combined:
+            raise ValueError(f"passthrough: only base_only and nudging_only models pass through, "
+                             f"not method {self.method!r}")
+        if self.on_tools != "error" and self.method != "nudging":
+            raise ValueError(f"on_tools: only nudging models fall back to the nudging model alone, "
+                             f"not method {self.method!r}")
         return self
+
+    @property
+    def passes_chat_through(self) -> bool:
+        """Whether chat requests go to the passthrough upstream's own chat endpoint."""
+        if METHODS[self.method].combined:
+            return False
+        if self.passthrough is not None:
+            return self.passthrough == "chat"
+        upstream = self.base if METHODS[self.method].prompt_role == "base" else self.nudging
+        return upstream is not None and upstream.chat_template == AUTO_TEMPLATE
 
 
 class LimitsConfig(Strict):
@@ -224,13 +257,26 @@ class ServerConfig(Strict):
         10, gt=0, description="a connection that has not sent a whole request head this long after it "
         "opened (or after its last response) is closed: slow clients cannot hold connections"
     )
+    body_timeout_seconds: float = Field(
+        30, gt=0, description="a request whose body has not all arrived this long after its head has its "
+        "connection closed: slow clients cannot hold connections with a partial body"
+    )
     send_timeout_seconds: float = Field(
         30, gt=0, description="a streamed answer whose client has not taken its next event this long is "
         "ended and its upstream requests cancelled: clients that stop reading cannot hold upstream slots"
     )
+    stream_open_seconds: float = Field(
+        1, ge=0, description="a stream's headers and a first SSE comment go out once its first event has "
+        "taken this long (a failure before then is an HTTP error, after it an error event): clients see "
+        "progress during a long first token"
+    )
     keep_alive_seconds: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
     max_connections: int | None = Field(
         1000, ge=1, description="open connections (or running requests) past which a request gets a 503"
+    )
+    workers: int = Field(
+        1, ge=1, le=256, description="processes serving requests (`serve --workers` overrides); "
+        "metrics add up over them"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # uvicorn's --loop and --http: "auto" takes uvloop and httptools (installed with the proxy)
@@ -271,6 +317,26 @@ class Config(Strict):
         if duplicates:
             raise ValueError(f"duplicate model names: {', '.join(duplicates)}")
         return models
+
+    @model_validator(mode="after")
+    def _shared_upstreams_agree(self) -> Config:
+        """Two models naming the same upstream share its slots and timeouts: different
+        settings for it could not both hold, so they are a start-up error, not a silent pick."""
+        first: dict[tuple[tuple[str, ...], str, str | None, str, str], tuple[str, UpstreamConfig]] = {}
+        for model in self.models:
+            for role in UPSTREAM_ROLES:
+                upstream: UpstreamConfig | None = getattr(model, role)
+                if upstream is None:
+                    continue
+                named, earlier = first.setdefault(upstream.sharing_key(role), (model.name, upstream))
+                theirs, ours = earlier.pool_settings(), upstream.pool_settings()
+                differing = sorted(key for key in ours if ours[key] != theirs[key])
+                if differing:
+                    raise ValueError(
+                        f"model {model.name!r} shares its {role} upstream (same url and model) with "
+                        f"model {named!r} but sets {', '.join(differing)} differently; a shared upstream "
+                        f"has one pool of connections and slots, so give both the same settings")
+        return self
 
     def model(self, name: str) -> ModelConfig | None:
         return next((model for model in self.models if model.name == name), None)

@@ -100,6 +100,14 @@ def model_not_found(model: str) -> APIError:
     )
 
 
+def overloaded(model: str, why: str, retry_after: int) -> APIError:
+    """A model at its `max_concurrent` with a full queue, or a request that waited its
+    `queue_timeout_seconds`: OpenAI's rate-limit answer (type `requests`, code
+    `rate_limit_exceeded`), which clients such as the OpenAI SDK retry after `Retry-After`."""
+    return APIError(429, f"The model '{model}' is at capacity: {why}. Retry after {retry_after} s.",
+                    type="requests", code="rate_limit_exceeded", retry_after=retry_after)
+
+
 def unauthorized(message: str = "Invalid or missing API key.") -> APIError:
     return APIError(401, message, type=AUTHENTICATION, code="invalid_api_key")
 
@@ -167,11 +175,6 @@ def endpoint_not_served(path: str, error: UpstreamError, hint: str = "") -> APIE
         type=UPSTREAM_ERROR,
         code="not_implemented",
     )
-
-
-def upstream_error_body(error: UpstreamError) -> dict[str, dict[str, Any]]:
-    """The SSE error event for an upstream failure after a stream has started."""
-    return upstream_failure(error).to_dict()
 
 
 # --- Validation errors -------------------------------------------------------------------

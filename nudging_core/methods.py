@@ -54,6 +54,8 @@ class MethodSpec:
     prompt_role: Source = "base"  # whose upstream reports the prompt's tokens
     # Whether that upstream's usage gives the bare prompt's size; if not, it is counted apart.
     reports_prompt_tokens: bool = True
+    # A combined method that returns logprobs: each token's from the model that wrote it.
+    returns_logprobs: bool = False
 
     @property
     def combined(self) -> bool:
@@ -87,7 +89,7 @@ METHODS: Final[Mapping[Method, MethodSpec]] = {spec.name: spec for spec in (
     # top_k 1: the base's top-1 probability decides a takeover and a continuation's end.
     # Every base call of nudging extends the prompt, so none reports its bare size.
     MethodSpec("nudging", ("base", "nudging"), forwards_fields=False, generator=_nudging, top_k=1,
-               reports_prompt_tokens=False),
+               reports_prompt_tokens=False, returns_logprobs=True),
     MethodSpec("base_only", ("base",), forwards_fields=True, generator=_passthrough("base"), top_k=0),
     MethodSpec("nudging_only", ("nudging",), forwards_fields=True, generator=_passthrough("nudging"),
                top_k=0, prompt_role="nudging"),

@@ -458,18 +458,27 @@ class UsageInfo(_ResponseModel):
     total_tokens: int = 0
 
 
-class Span(_ResponseModel):
+class SpanReport(_ResponseModel):
     text: str
     source: Literal["base", "nudging"]
+
+
+class TokenSource(_ResponseModel):
+    """Who wrote one token of a nudged answer's logprobs, and the base's top-1 probability at
+    its position when the base was asked there (a base token's own; for a nudger token, the
+    base's probe or uncertain token it was written over; null where the base was not asked)."""
+
+    source: Literal["base", "nudging"]
+    base_top_prob: float | None = None
 
 
 class NudgingReport(_ResponseModel):
     """The per-choice `nudging` extension of a response, when the request asks for it (and
     always when the choice fell back to the base model)."""
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"fallback", "fallback_reason"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"fallback", "fallback_reason", "token_sources"})
 
-    spans: list[Span] | None = None
+    spans: list[SpanReport] | None = None
     tokens: dict[str, int] = Field(default_factory=dict)
     nudging_word_ratio: float = 0.0
     rounds: int = 0
@@ -477,15 +486,21 @@ class NudgingReport(_ResponseModel):
     # `fast`: base tokens held back while a chunk guard could still drop them.
     held_tokens: int = 0
     stop_reason: str | None = None
-    fallback: Literal["base_only"] | None = None
+    fallback: Literal["base_only", "nudging_only"] | None = None
     fallback_reason: str | None = None
+    # A nudged answer's logprobs were asked for: one entry per token of `logprobs`.
+    token_sources: list[TokenSource] | None = None
 
 
 class NudgingChunkSource(_ResponseModel):
     """The `nudging` extension of a streamed text chunk, when the request asks for provenance:
-    which model wrote the chunk's text (each chunk is text of one model)."""
+    which model wrote the chunk's text (each chunk is text of one model), and with logprobs,
+    one entry per token of the chunk's `logprobs`."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"token_sources"})
 
     source: Literal["base", "nudging"]
+    token_sources: list[TokenSource] | None = None
 
 
 class _Choice(_ResponseModel):
@@ -609,8 +624,9 @@ __all__ = [
     "ModelList",
     "NudgingOptions",
     "NudgingReport",
-    "Span",
+    "SpanReport",
     "StreamOptions",
+    "TokenSource",
     "TokenizeChatRequest",
     "TokenizeCompletionRequest",
     "TokenIds",

@@ -9,6 +9,7 @@ from nudging_core.templates import AUTO_TEMPLATE, ChatTemplate, get_chat_templat
 from nudging_core.types import Role
 from nudging_core.upstream import NoChatTemplate, ReplicaSet, UpstreamClient, UpstreamError
 
+from .admission import Admission
 from .config import Config, ModelConfig, UpstreamConfig
 
 
@@ -17,6 +18,7 @@ class ServedModel:
     config: ModelConfig
     replicas: dict[Role, ReplicaSet]
     chat_template: ChatTemplate | None
+    admission: Admission
 
     def pick_clients(self) -> dict[Role, UpstreamClient]:
         """One replica per role for one generation, which stays on them (prefix cache)."""
@@ -51,10 +53,12 @@ class ModelRegistry:
                     bos_token=model.nudging.bos_token,
                     eos_token=model.nudging.eos_token,
                 )
-            self.models[model.name] = ServedModel(model, replicas, template)
+            admission = Admission(model.name, model.max_concurrent, model.max_queued,
+                                  model.queue_timeout_seconds)
+            self.models[model.name] = ServedModel(model, replicas, template, admission)
 
     def _replica_set(self, upstream: UpstreamConfig, role: Role) -> ReplicaSet:
-        key = (tuple(upstream.endpoints), upstream.model, upstream.api_key_env, upstream.dialect, role)
+        key = upstream.sharing_key(role)
         if key not in self._replicas:
             self._replicas[key] = ReplicaSet.connect(
                 upstream.endpoints,
@@ -62,7 +66,7 @@ class ModelRegistry:
                 role=role,
                 api_key=upstream.api_key(),
                 dialect=upstream.dialect,
-                timeouts=upstream.timeouts.to_timeouts(),
+                timeouts=upstream.timeouts,
                 caps=upstream.answer_caps(),
                 max_in_flight=upstream.max_in_flight,
                 cooldown=upstream.cooldown_seconds,

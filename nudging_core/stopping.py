@@ -20,9 +20,12 @@ def split_piece(piece: Piece, at: int, *, straddler_in_tail: bool = False) -> tu
         else:
             tail_ends.append(max(end - at, 0))
         start = end
+    # The tokens that wrote the piece go with their ends: a stop string cuts the logprobs at
+    # the token it cuts the text at.
+    head_written, tail_written = piece.written[: len(head_ends)], piece.written[len(head_ends):]
     return (
-        Piece(piece.text[:at], piece.source, tuple(head_ends)),
-        Piece(piece.text[at:], piece.source, tuple(tail_ends)),
+        Piece(piece.text[:at], piece.source, tuple(head_ends), written=head_written),
+        Piece(piece.text[at:], piece.source, tuple(tail_ends), written=tail_written),
     )
 
 
@@ -54,8 +57,10 @@ class StopFilter:
     a stop string split over two pieces is found and never partly sent to the client.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, whole_tokens: bool = False) -> None:
         self._stops = [s for s in stops if s]
+        # Hold back whole tokens (for logprobs: each piece's tokens then cover its text).
+        self._whole_tokens = whole_tokens
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._pending: list[Piece] = []
         self.matched: str | None = None
@@ -75,7 +80,7 @@ class StopFilter:
             emitted = self._take(position)
             self._pending = []
             return emitted
-        return self._take(max(0, len(text) - self._hold))
+        return self._take(max(0, len(text) - self._hold), at_token=self._whole_tokens)
 
     def flush(self) -> list[Piece]:
         if self.matched is not None:
@@ -83,8 +88,10 @@ class StopFilter:
         pending, self._pending = self._pending, []
         return pending
 
-    def _take(self, length: int) -> list[Piece]:
-        """Remove and return the first `length` characters of the pending pieces."""
+    def _take(self, length: int, *, at_token: bool = False) -> list[Piece]:
+        """Remove and return the first `length` characters of the pending pieces (with
+        `at_token`, only up to the start of a token that goes on past them: text held back
+        keeps its tokens whole, so each piece's logprobs cover its text)."""
         taken: list[Piece] = []
         while self._pending and length > 0:
             piece = self._pending[0]
@@ -92,6 +99,10 @@ class StopFilter:
                 taken.append(self._pending.pop(0))
                 length -= len(piece.text)
             else:
+                if at_token:
+                    length = max((end for end in piece.token_ends if end <= length), default=0)
+                    if length == 0:
+                        break
                 head, tail = split_piece(piece, length)
                 taken.append(head)
                 self._pending[0] = tail

@@ -25,7 +25,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-Role = Literal["system", "user", "assistant"]
+MessageRole = Literal["system", "user", "assistant"]
 
 AUTO_TEMPLATE: Final = "auto"
 JINJA_SUFFIXES: Final = (".jinja", ".j2")
@@ -35,7 +35,7 @@ JINJA_SUFFIXES: Final = (".jinja", ".j2")
 # built-ins see the same message text.
 TEXT_PART_SEPARATOR: Final = "\n"
 
-_ROLES: Final[Mapping[str, Role]] = {
+_ROLES: Final[Mapping[str, MessageRole]] = {
     "system": "system",
     # OpenAI's newer name for system instructions; models have no separate slot for it.
     "developer": "system",
@@ -50,8 +50,14 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    role: Role
+    role: MessageRole
     content: str
+
+
+# The text form of tool use in rendered prompts (the same for every template and for the base's
+# plain layout): calls on lines after the assistant's text, results as the next user turn.
+TOOL_CALL_LINE: Final = "Tool call: {name}({arguments})"
+TOOL_RESULT_LINE: Final = "Tool result ({name}): {content}"
 
 
 def normalize_messages(raw: Sequence[Mapping[str, Any]]) -> list[Message]:
@@ -59,33 +65,75 @@ def normalize_messages(raw: Sequence[Mapping[str, Any]]) -> list[Message]:
 
     `content` may be a string, a list of text parts (`{"type": "text", "text": ...}`, joined
     with `TEXT_PART_SEPARATOR`), or null on an assistant message (read as ""). Role
-    `developer` becomes `system`. Anything else (tool messages, images, ...) is a
-    `TemplateError`: text models cannot take it.
+    `developer` becomes `system`. Tool use becomes text (`TOOL_CALL_LINE`, `TOOL_RESULT_LINE`):
+    an assistant's `tool_calls` follow its text, and `tool` messages (consecutive ones joined)
+    are a user turn naming the function their `tool_call_id` called. Anything else (images,
+    ...) is a `TemplateError`: text models cannot take it.
     """
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise TemplateError("messages must be a list of message objects")
     if not raw:
         raise TemplateError("messages must contain at least one message")
     messages: list[Message] = []
+    called: dict[str, str] = {}  # tool_call_id -> function name
+    after_tool = False  # the last message is tool results, which the next ones join
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
             raise TemplateError(f"messages[{i}] must be an object with 'role' and 'content'")
         given = item.get("role")
+        if given == "tool":
+            line = _tool_result(item, i, called)
+            if after_tool:
+                messages[-1] = Message("user", messages[-1].content + "\n" + line)
+            else:
+                messages.append(Message("user", line))
+            after_tool = True
+            continue
         role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             raise TemplateError(
                 f"messages[{i}].role {given!r} is not supported; "
-                "use one of: system, developer, user, assistant"
+                "use one of: system, developer, user, assistant, tool"
             )
-        messages.append(Message(role, _content_text(item.get("content"), role, i)))
+        content = _content_text(item.get("content"), role, i)
+        if role == "assistant" and item.get("tool_calls"):
+            content = "\n".join(([content] if content else []) + _tool_calls(item["tool_calls"], i, called))
+        messages.append(Message(role, content))
+        after_tool = False
     return messages
 
 
-def _content_text(content: object, role: Role, index: int) -> str:
+def _tool_calls(calls: object, index: int, called: dict[str, str]) -> list[str]:
+    if not isinstance(calls, list):
+        raise TemplateError(f"messages[{index}].tool_calls must be a list")
+    lines: list[str] = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        arguments = function.get("arguments", "") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise TemplateError(
+                f"messages[{index}].tool_calls[{j}] must have a function with a string name and arguments"
+            )
+        call_id = call.get("id") if isinstance(call, Mapping) else None
+        if isinstance(call_id, str):
+            called[call_id] = name
+        lines.append(TOOL_CALL_LINE.format(name=name, arguments=arguments))
+    return lines
+
+
+def _tool_result(item: Mapping[str, Any], index: int, called: Mapping[str, str]) -> str:
+    content = _content_text(item.get("content"), "user", index)
+    call_id = item.get("tool_call_id")
+    name = called.get(call_id, "tool") if isinstance(call_id, str) else "tool"
+    return TOOL_RESULT_LINE.format(name=name, content=content)
+
+
+def _content_text(content: object, role: MessageRole, index: int) -> str:
     if isinstance(content, str):
         return content
     if content is None:
-        # OpenAI allows a null assistant content (it then carries tool calls, which we drop).
+        # OpenAI allows a null assistant content (it then carries tool calls).
         if role == "assistant":
             return ""
         raise TemplateError(f"messages[{index}].content must not be null for a {role} message")
@@ -179,7 +227,7 @@ def _pairs(turns: Sequence[Message]) -> list[tuple[str, str | None]]:
     """Turns as (user, assistant answer or None for the final open turn)."""
     pairs: list[tuple[str, str | None]] = []
     for i, message in enumerate(turns):
-        expected: Role = "user" if i % 2 == 0 else "assistant"
+        expected: MessageRole = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
             raise TemplateError(
                 "this chat template needs the conversation to alternate "
@@ -216,30 +264,35 @@ def _llama_3_instruct(messages: Sequence[Message], response_start: str) -> str:
     return "".join(blocks) + f"<|start_header_id|>assistant<|end_header_id|>\n\n{response_start}"
 
 
-def _gemma_it(messages: Sequence[Message], response_start: str) -> str:
-    # "<start_of_turn>user\nS\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n..."
+def _system_in_first_user(messages: Sequence[Message], response_start: str, *, opening: str,
+                          user_turn: str, answer_turn: str) -> str:
+    # Families without a system role put the system text before the first user message.
     system, turns = _split_system(messages)
-    out: list[str] = []
+    out = [opening]
     for k, (user, answer) in enumerate(_pairs(turns)):
         if k == 0 and system is not None:
             user = f"{system}\n{user}"
-        out.append(f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
+        out.append(user_turn.format(user=user))
         if answer is not None:
-            out.append(f"{answer}<end_of_turn>\n")
+            out.append(answer_turn.format(answer=answer))
     return "".join(out) + response_start
+
+
+def _gemma_it(messages: Sequence[Message], response_start: str) -> str:
+    # "<start_of_turn>user\nS\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n..."
+    return _system_in_first_user(
+        messages, response_start, opening="",
+        user_turn="<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n",
+        answer_turn="{answer}<end_of_turn>\n",
+    )
 
 
 def _olmo_instruct(messages: Sequence[Message], response_start: str) -> str:
     # "<|endoftext|><|user|>\nS\nU1\n<|assistant|>\nA1<|endoftext|>\n<|user|>\nU2\n..."
-    system, turns = _split_system(messages)
-    out = ["<|endoftext|>"]
-    for k, (user, answer) in enumerate(_pairs(turns)):
-        if k == 0 and system is not None:
-            user = f"{system}\n{user}"
-        out.append(f"<|user|>\n{user}\n<|assistant|>\n")
-        if answer is not None:
-            out.append(f"{answer}<|endoftext|>\n")
-    return "".join(out) + response_start
+    return _system_in_first_user(
+        messages, response_start, opening="<|endoftext|>",
+        user_turn="<|user|>\n{user}\n<|assistant|>\n", answer_turn="{answer}<|endoftext|>\n",
+    )
 
 
 def _chatml(messages: Sequence[Message], response_start: str) -> str:

@@ -70,6 +70,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class WrittenToken:
+    """An upstream token as it went into the output, for the logprobs a nudged model returns.
+
+    `token` is as the model that wrote it reported it; `base_top_prob` is the base's top-1
+    probability at this position when the base was asked there (a base token's own; for a
+    nudger token, the probe or the uncertain base token that let the nudger write it).
+    """
+
+    token: Token
+    base_top_prob: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Piece:
     """A span of output text decided by one model.
 
@@ -81,8 +94,12 @@ class Piece:
     text: str
     source: Source
     token_ends: tuple[int, ...]
-    # A passthrough model's piece: the upstream's logprobs for it, in the completions shape.
+    # The upstream's logprobs for the piece, in the completions shape: a passthrough's as the
+    # upstream sent them, a nudged model's built from `written` (`Generation` does that).
     logprobs: dict[str, Any] | None = None
+    # A nudged model's piece: the tokens that wrote it, one per `token_ends` (or none). Not
+    # compared: pieces are equal by what they write.
+    written: tuple[WrittenToken, ...] = field(default=(), compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -94,7 +111,20 @@ class Piece:
         if max_tokens <= 0:
             return Piece("", self.source, ())
         ends = self.token_ends[:max_tokens]
-        return Piece(self.text[: ends[-1]], self.source, ends, _first_logprobs(self.logprobs, max_tokens))
+        return Piece(self.text[: ends[-1]], self.source, ends, _first_logprobs(self.logprobs, max_tokens),
+                     self.written[:max_tokens])
+
+    def with_base_top_probs(self, at_offsets: dict[int, float]) -> Piece:
+        """The piece with the base's top-1 probability on its tokens that start at these
+        character offsets (where the base was asked and the nudger wrote)."""
+        if not at_offsets or not self.written:
+            return self
+        starts = (0, *self.token_ends[:-1])
+        written = tuple(
+            WrittenToken(item.token, at_offsets.get(start, item.base_top_prob))
+            for start, item in zip(starts, self.written, strict=True)
+        )
+        return Piece(self.text, self.source, self.token_ends, self.logprobs, written)
 
 
 def _first_logprobs(logprobs: dict[str, Any] | None, count: int) -> dict[str, Any] | None:
@@ -104,13 +134,37 @@ def _first_logprobs(logprobs: dict[str, Any] | None, count: int) -> dict[str, An
     return {key: values[:count] if isinstance(values, list) else values for key, values in logprobs.items()}
 
 
+def written_logprobs(piece: Piece, offset: int, top_k: int) -> dict[str, Any]:
+    """The completions-shape logprobs of the tokens that wrote `piece`, whose text starts at
+    `offset` in the answer: each token's text as it is in the piece (a token cut by a word
+    boundary or a stop string keeps its logprob), and its model's top alternatives as that
+    model sent them (with `top_k` 0, the base was asked for 1: only the token itself)."""
+    starts = (0, *piece.token_ends[:-1])
+    texts = [piece.text[start:end] for start, end in zip(starts, piece.token_ends, strict=True)]
+    tokens = [item.token for item in piece.written]
+    return {
+        "tokens": texts,
+        "token_logprobs": [token.logprob for token in tokens],
+        "top_logprobs": [
+            {text: token.logprob} if top_k == 0 or token.top_logprobs is None else dict(token.top_logprobs)
+            for text, token in zip(texts, tokens, strict=True)
+        ],
+        "text_offset": [offset + start for start in starts],
+    }
+
+
+def _written(tokens: tuple[Token, ...] | list[Token], source: Source) -> tuple[WrittenToken, ...]:
+    # A base token's own top-1 probability is the base's at its position.
+    return tuple(WrittenToken(token, token.top_prob if source == "base" else None) for token in tokens)
+
+
 def piece_from_tokens(tokens: tuple[Token, ...] | list[Token], source: Source) -> Piece:
     ends: list[int] = []
     offset = 0
     for token in tokens:
         offset += len(token.text)
         ends.append(offset)
-    return Piece("".join(t.text for t in tokens), source, tuple(ends))
+    return Piece("".join(t.text for t in tokens), source, tuple(ends), written=_written(tokens, source))
 
 
 def piece_from_prefix(tokens: tuple[Token, ...] | list[Token], length: int, source: Source) -> Piece:
@@ -125,7 +179,7 @@ def piece_from_prefix(tokens: tuple[Token, ...] | list[Token], length: int, sour
         ends.append(min(offset, length))
     if length > 0 and not ends:
         raise ValueError("prefix longer than the tokens' text")
-    return Piece(text, source, tuple(ends))
+    return Piece(text, source, tuple(ends), written=_written(tokens[: len(ends)], source))
 
 
 FinishReason = Literal["stop", "length"]

@@ -34,7 +34,7 @@ class AnswerOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class BackendAnswer:
     output: str
     finish_reason: str | None
     # Provenance, when the answerer reports it (our proxy does; other servers do not).
@@ -52,7 +52,7 @@ class Outcome:
 class Backend(Protocol):
     model: str
 
-    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome: ...
+    async def generate(self, sample: Sample, options: AnswerOptions) -> BackendAnswer: ...
 
     async def aclose(self) -> None: ...
 
@@ -98,12 +98,12 @@ class InProcessBackend:
         assert answer is not None, "a run without errors finishes its choice"
         return answer
 
-    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
+    async def generate(self, sample: Sample, options: AnswerOptions) -> BackendAnswer:
         request = parse_request(ChatCompletionRequest, chat_body(self.model, sample, options))
         answer = await self._answer(request)
         generation, pieces = answer.generation, answer.pieces
         stats = generation.stats
-        return Outcome(
+        return BackendAnswer(
             output="".join(piece.text for piece in pieces),
             finish_reason=generation.finish_reason,
             spans=[{"text": span.text, "source": span.source} for span in merge_spans(pieces)],
@@ -137,7 +137,7 @@ class EndpointBackend:
         )
         self.model = model
 
-    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
+    async def generate(self, sample: Sample, options: AnswerOptions) -> BackendAnswer:
         response = await self._http.post("chat/completions", json=chat_body(self.model, sample, options))
         if response.status_code >= 400:
             raise EndpointError(f"HTTP {response.status_code}: {response.text[:300]}")
@@ -145,7 +145,7 @@ class EndpointBackend:
         choice = answer["choices"][0]
         report = choice.get("nudging") or {}
         spans = report.get("spans")
-        return Outcome(
+        return BackendAnswer(
             output=choice["message"]["content"] or "",
             finish_reason=choice.get("finish_reason"),
             spans=spans,

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from nudging_core.nudging import Strategy, cleaned_bounds
 from nudging_core.provenance import Span, nudging_word_ratio
 
-from .backends import AnswerOptions, Backend, Outcome
+from .backends import AnswerOptions, Backend, BackendAnswer
 from .datasets import Sample
 from .judge import Judge
 from .paper_rules import paper_nudging_word_ratio
@@ -83,7 +83,7 @@ def clip_spans(spans: list[dict[str, str]], start: int, end: int) -> list[dict[s
     return clipped
 
 
-def cleaned(outcome: Outcome) -> Outcome:
+def cleaned(outcome: BackendAnswer) -> BackendAnswer:
     """The answer after the paper's clean-up, its spans cut to match."""
     start, end = cleaned_bounds(outcome.output)
     spans = clip_spans(outcome.spans, start, end) if outcome.spans is not None else None
@@ -98,7 +98,7 @@ def _our_ratio(spans: list[dict[str, str]] | None) -> float | None:
     )
 
 
-def _paper_ratio(settings: RunSettings, raw: Outcome) -> float | None:
+def _paper_ratio(settings: RunSettings, raw: BackendAnswer) -> float | None:
     # The paper recorded nudging words for nudging runs only.
     if settings.exp != "nudging" or raw.round_nudging_words is None:
         return None
@@ -117,14 +117,14 @@ def _scores(sample: Sample, output: str, scoring: Scoring, verdict: dict[str, An
     }
 
 
-def final_answer(raw: Outcome, settings: RunSettings) -> Outcome:
+def final_answer(raw: BackendAnswer, settings: RunSettings) -> BackendAnswer:
     return cleaned(raw) if settings.cleanup else raw
 
 
 def make_record(
     sample: Sample,
     settings: RunSettings,
-    raw: Outcome,
+    raw: BackendAnswer,
     latency: float,
     verdict: dict[str, Any] | None,
     scoring: Scoring = "ours",

@@ -15,6 +15,7 @@ from nudging_core.registry import ModelRegistry
 
 from . import playground
 from .auth import APIKeyMiddleware, open_paths
+from .connections import install_accept_error_log
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics, metrics_endpoint
@@ -28,6 +29,7 @@ def create_app(config: Config) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_accept_error_log()
         yield
         await registry.aclose()
 
@@ -40,6 +42,7 @@ def create_app(config: Config) -> FastAPI:
     server = config.server
     app.state.limits = server.limits
     app.state.send_timeout = server.send_timeout_seconds
+    app.state.stream_open_within = server.stream_open_seconds
     app.state.metrics = metrics = Metrics()
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     # The last middleware added runs first: request ids and metrics see every answer, CORS

@@ -1,6 +1,13 @@
-"""Prometheus metrics of one app, in a registry of its own (tests build many apps)."""
+"""Prometheus metrics of one app, in a registry of its own (tests build many apps).
+
+With several worker processes (`serve --workers`), prometheus-client's multiprocess mode:
+every process writes its values to files in `PROMETHEUS_MULTIPROC_DIR` (the CLI makes the
+directory before the workers start, which is when prometheus-client reads it), and `/metrics`
+from any worker adds up the files of all of them."""
 
 from __future__ import annotations
+
+import os
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -11,12 +18,14 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 PREFIX = "nudging_proxy"
 # Seconds: from a millisecond passthrough on a fast upstream to a long nudged answer.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -41,7 +50,8 @@ class Metrics:
             ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(
-            f"{PREFIX}_requests_in_flight", "Requests being served", ["endpoint"], registry=r
+            f"{PREFIX}_requests_in_flight", "Requests being served", ["endpoint"], registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_requests = Counter(
             f"{PREFIX}_upstream_requests",
@@ -63,13 +73,41 @@ class Metrics:
             ["model"], buckets=RATIO_BUCKETS, registry=r,
         )
 
+        # Admission control (server/admission.py).
+        self.admission_queued = Gauge(
+            f"{PREFIX}_admission_queued", "Requests waiting for their model's admission", ["model"],
+            registry=r, multiprocess_mode="livesum",  # with workers: the waits of every live one
+        )
+        self.admission_rejected = Counter(
+            f"{PREFIX}_admission_rejected",
+            "Requests answered 429 by admission control: the queue was full, or the wait ran out",
+            ["model"], registry=r,
+        )
+
     def observe_upstream(self, role: str, outcome: str, seconds: float) -> None:
         """The `nudging_core` upstream observer hook."""
         self.upstream_requests.labels(role, outcome).inc()
         self.upstream_latency.labels(role, outcome).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = multiprocess_directory()
+        if directory is None:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(every_process)
+
+
+def multiprocess_directory() -> str | None:
+    return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def forget_process(pid: int) -> None:
+    """Drop the live gauges (requests in flight) of a worker process that has ended, however
+    it ended; what it counted still counts."""
+    directory = multiprocess_directory()
+    if directory is not None:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 async def metrics_endpoint(request: Request) -> Response:

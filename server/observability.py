@@ -5,10 +5,11 @@ generation's events so the first text, tokens per source and stream errors are s
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +21,8 @@ from nudging_core.upstream.client import RequestScope, request_scope
 
 from .logs import REQUEST_ID_HEADER, access_log, request_id_from, upstream_log
 from .metrics import Metrics
+
+T = TypeVar("T")
 
 # Metric label for any other path, so random URLs cannot grow the label set.
 KNOWN_ENDPOINTS = frozenset(
@@ -77,6 +80,52 @@ async def observed(
     except Exception:
         _note_failure(observation, stream=stream, started=yielded)
         raise
+
+
+def note_forwarded_answer(answer: Mapping[str, Any], source: str) -> None:
+    """A chat passthrough's whole answer: its tokens, as the upstream's usage counts them."""
+    observation = _observation.get()
+    if observation is not None:
+        observation.first_text_at = time.perf_counter()
+        observation.tokens[source] += _completion_tokens(answer) or 0
+
+
+async def observed_forward(
+    chunks: AsyncGenerator[T, None], source: str
+) -> AsyncGenerator[T, None]:
+    """A chat passthrough's stream chunks unchanged, noting its first text and its tokens: the
+    upstream's usage chunk if it sends one, else one per chunk with text (vLLM's granularity)."""
+    observation = _observation.get() or Observation(request_id="", endpoint="")
+    text_chunks, usage_tokens = 0, None
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                if isinstance(chunk, Mapping):
+                    usage_tokens = _completion_tokens(chunk) or usage_tokens
+                    if _has_text(chunk):
+                        text_chunks += 1
+                        if observation.first_text_at is None:
+                            observation.first_text_at = time.perf_counter()
+                else:
+                    _note_failure(observation, stream=True, started=True)
+                yield chunk
+    finally:
+        observation.tokens[source] += usage_tokens if usage_tokens is not None else text_chunks
+
+
+def _completion_tokens(answer: Mapping[str, Any]) -> int | None:
+    usage = answer.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
+    return tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+
+
+def _has_text(chunk: Mapping[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(choice, Mapping) and isinstance(choice.get("delta"), Mapping)
+        and bool(choice["delta"].get("content") or choice["delta"].get("tool_calls"))
+        for choice in choices
+    )
 
 
 def _note_failure(observation: Observation, *, stream: bool, started: bool) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from nudging_core.protocol import (
     ChatCompletionChoice,
@@ -21,7 +21,8 @@ from nudging_core.protocol import (
     DeltaMessage,
     NudgingChunkSource,
     NudgingReport,
-    Span,
+    SpanReport,
+    TokenSource,
     UsageInfo,
     new_chat_completion_id,
     new_completion_id,
@@ -66,11 +67,22 @@ def chat_logprobs(parts: list[dict[str, Any]], top_k: int) -> dict[str, Any] | N
     return {"content": content}
 
 
+def token_sources(pieces: list[Piece]) -> list[TokenSource] | None:
+    """Per token of a nudged answer's logprobs, who wrote it (None: no such logprobs)."""
+    if not any(piece.logprobs is not None and piece.written for piece in pieces):
+        return None
+    return [
+        TokenSource(source=piece.source, base_top_prob=written.base_top_prob)
+        for piece in pieces if piece.logprobs is not None
+        for written in piece.written
+    ]
+
+
 def provenance_report(run: ChoiceRun) -> NudgingReport:
     stats = run.generation.stats
     spans = merge_spans(run.pieces)
     return NudgingReport(
-        spans=[Span(text=span.text, source=span.source) for span in spans],
+        spans=[SpanReport(text=span.text, source=span.source) for span in spans],
         tokens=tokens_by_source(run.pieces),
         nudging_word_ratio=nudging_word_ratio(spans),
         rounds=stats.rounds,
@@ -79,6 +91,7 @@ def provenance_report(run: ChoiceRun) -> NudgingReport:
         stop_reason=stats.stop_reason,
         fallback="base_only" if run.fallback_reason is not None else None,
         fallback_reason=run.fallback_reason,
+        token_sources=token_sources(run.pieces),
     )
 
 
@@ -93,6 +106,8 @@ def usage_info(usage: UsageEvent) -> UsageInfo:
 @dataclass(slots=True)
 class Shape(ABC):
     """The wire shape of one endpoint's answers."""
+
+    chunk_object: ClassVar[str]
 
     model: str
     with_provenance: bool
@@ -137,9 +152,21 @@ class Shape(ABC):
 
     def text_chunk(self, index: int, piece: Piece) -> dict[str, Any]:
         """The chunk of one piece of text (with its upstream logprobs, if returned, and the
-        model that wrote it, if provenance was asked for)."""
-        source = NudgingChunkSource(source=piece.source) if self.with_provenance else None
-        return self.chunk(index, piece.text, report=source, logprobs=self.logprobs([piece]))
+        model that wrote it, if provenance was asked for). Built as a plain dict rather than
+        through the response models, as `chunk` builds the others: this runs for every streamed
+        token (tests/test_protocol.py holds the two to the same shape)."""
+        logprobs = self.logprobs([piece]) if piece.logprobs is not None else None
+        source = (NudgingChunkSource(source=piece.source, token_sources=token_sources([piece])).model_dump()
+                  if self.with_provenance else None)
+        body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": [self._text_choice(index, piece.text, logprobs, source)]}
+        if self.include_usage:
+            body["usage"] = None
+        return body
+
+    @abstractmethod
+    def _text_choice(self, index: int, text: str, logprobs: dict[str, Any] | None,
+                     source: dict[str, Any] | None) -> dict[str, Any]: ...
 
     def final_chunk(self, run: ChoiceRun) -> dict[str, Any]:
         finish_reason = run.generation.finish_reason
@@ -150,6 +177,8 @@ class Shape(ABC):
 @dataclass(slots=True)
 class ChatShape(Shape):
     """chat.completion and chat.completion.chunk."""
+
+    chunk_object: ClassVar[str] = "chat.completion.chunk"
 
     # `top_logprobs` when passthrough logprobs are returned.
     top_logprobs: int = 0
@@ -202,6 +231,14 @@ class ChatShape(Shape):
         )
         return self._chunk_body([choice])
 
+    def _text_choice(self, index: int, text: str, logprobs: dict[str, Any] | None,
+                     source: dict[str, Any] | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": None}
+        if source is not None:
+            choice["nudging"] = source
+        choice["delta"] = {"content": text}
+        return choice
+
     def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         return ChatCompletionStreamResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, **usage
@@ -211,6 +248,8 @@ class ChatShape(Shape):
 @dataclass(slots=True)
 class TextShape(Shape):
     """text_completion, whole and streamed."""
+
+    chunk_object: ClassVar[str] = "text_completion"
 
     def __post_init__(self) -> None:
         self.id = new_completion_id()
@@ -242,6 +281,15 @@ class TextShape(Shape):
             stop_reason=stop_reason,
         )
         return self._chunk_body([choice])
+
+    def _text_choice(self, index: int, text: str, logprobs: dict[str, Any] | None,
+                     source: dict[str, Any] | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": None,
+                                  "stop_reason": None}
+        if source is not None:
+            choice["nudging"] = source
+        choice["text"] = text
+        return choice
 
     def _stream_body(self, choices: list[Any], **usage: Any) -> dict[str, Any]:
         return CompletionStreamResponse(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import time
+from collections.abc import AsyncGenerator, Coroutine
 from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from nudging_core.admission import holding
 from nudging_core.errors import invalid_request, model_not_found
 from nudging_core.protocol import (
     ChatCompletionRequest,
@@ -21,14 +23,28 @@ from nudging_core.protocol import (
     tokenize_request_type,
 )
 from nudging_core.registry import ModelRegistry, ServedModel
-from nudging_core.service import AnyRequest, ChoiceFinished, ChoiceRun, ErrorEvent, UsageEvent, plan, run
+from nudging_core.service import (
+    AnyRequest,
+    ChoiceFinished,
+    ChoicePlan,
+    ChoiceRun,
+    ErrorEvent,
+    Event,
+    UsageEvent,
+    check,
+    render_plans,
+    run,
+)
+from nudging_core.service.chat import ChatForward, answer_chat, chat_forward, stream_chat
 from nudging_core.service.tokenizer import TokenizerEndpoint, ask_tokenizer
 
-from .observability import note_model, observed
+from .admission import admit
+from .observability import note_forwarded_answer, note_model, observed, observed_forward
 from .responses import ChatShape, Shape, TextShape
-from .streaming import stream_response
+from .streaming import forwarded_stream_response, stream_response
 
 router = APIRouter()
+READY_CACHE_SECONDS = 1.0
 
 
 def _registry(request: Request) -> ModelRegistry:
@@ -93,13 +109,27 @@ async def _unless_client_leaves(request: Request, answer: Coroutine[Any, Any, Re
 
 
 async def _respond(request: Request, served: ServedModel, body: AnyRequest, shape: Shape) -> Response:
-    """The service's answer to `body`, encoded: an SSE stream or one JSON body."""
-    plans = await plan(body, served, request.app.state.limits)
-    events = observed(run(plans, streaming=body.stream), nudged=served.config.method == "nudging",
-                      stream=body.stream)
-    if body.stream:
+    """The service's answer to `body`, encoded: an SSE stream or one JSON body. A valid request
+    waits for its model's admission (or gets its 429) before any upstream request: rendering
+    its prompts may ask the upstream too."""
+    checked = check(body, served, request.app.state.limits)
+    ticket = await admit(request.app.state.metrics, served.admission)
+    try:
+        plans = await render_plans(body, served, checked)
+        events = observed(holding(ticket, run(plans, streaming=body.stream)),
+                          nudged=served.config.method == "nudging", stream=body.stream)
+        return await _encode(request, shape, plans, events, stream=body.stream)
+    except BaseException:
+        ticket.release()  # also when `events` never started, so never ran its own release
+        raise
+
+
+async def _encode(request: Request, shape: Shape, plans: list[ChoicePlan],
+                  events: AsyncGenerator[Event, None], *, stream: bool) -> Response:
+    if stream:
         return await stream_response(shape, [p.index for p in plans], events,
-                                     send_timeout=request.app.state.send_timeout)
+                                     send_timeout=request.app.state.send_timeout,
+                                     open_within=request.app.state.stream_open_within)
     finished: list[ChoiceRun] = []
     usage = UsageEvent(0, 0)
     async with aclosing(events):
@@ -125,9 +155,29 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _unless_client_leaves(request, _respond(request, served, body, shape))
 
 
+async def _forward_chat(request: Request, served: ServedModel, forward: ChatForward,
+                        stream: bool) -> Response:
+    """The upstream's own chat answer (chat passthrough), whole or streamed, once admitted."""
+    ticket = await admit(request.app.state.metrics, served.admission)
+    try:
+        if stream:
+            chunks = observed_forward(holding(ticket, stream_chat(forward)), forward.role)
+            return await forwarded_stream_response(chunks, send_timeout=request.app.state.send_timeout)
+        answer = await answer_chat(forward)
+    except BaseException:
+        ticket.release()  # also when the stream never started, so `holding` never ran
+        raise
+    ticket.release()
+    note_forwarded_answer(answer, forward.role)
+    return JSONResponse(answer)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     served = _served(request, body)
+    forward = await chat_forward(body, lambda: _json_body(request), served, request.app.state.limits)
+    if forward is not None:
+        return await _unless_client_leaves(request, _forward_chat(request, served, forward, body.stream))
     shape = ChatShape(model=body.model, with_provenance=_with_provenance(body),
                       include_usage=body.include_usage(), top_logprobs=body.top_logprobs or 0)
     return await _unless_client_leaves(request, _respond(request, served, body, shape))
@@ -182,12 +232,28 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
-    registry = _registry(request)
+Readiness = tuple[dict[str, Any], int]  # the body and status of a /ready answer
+
+
+async def _readiness(registry: ModelRegistry) -> Readiness:
     upstreams, templates = await asyncio.gather(registry.readiness(), registry.template_problems())
     is_ready = all(upstreams.values()) and not templates
     body: dict[str, Any] = {"status": "ready" if is_ready else "not ready", "upstreams": upstreams}
     if templates:
         body["chat_template"] = templates
-    return JSONResponse(body, status_code=200 if is_ready else 503)
+    return body, 200 if is_ready else 503
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Every upstream's readiness, checked at most once per `READY_CACHE_SECONDS`: /ready may
+    be open to anyone, and each check asks every upstream. Callers meanwhile share the last
+    check, or the one under way."""
+    state = request.app.state
+    last: tuple[float, asyncio.Future[Readiness]] | None = getattr(state, "ready_check", None)
+    now = time.monotonic()
+    if last is None or now - last[0] >= READY_CACHE_SECONDS:
+        last = state.ready_check = (now, asyncio.ensure_future(_readiness(_registry(request))))
+    # Shielded: a caller that leaves does not cancel the others' check.
+    body, status = await asyncio.shield(last[1])
+    return JSONResponse(body, status_code=status)

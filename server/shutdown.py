@@ -9,15 +9,16 @@ event stream gets one error event and `[DONE]`, and a request not yet answered a
 from __future__ import annotations
 
 import asyncio
-import json
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nudging_core.errors import SERVER_ERROR, APIError
+from nudging_core.jsonio import dump_json
 
 from .errors import error_response
 from .observability import note_stream_error
+from .sse import DONE, data_event
 
 
 def shutting_down() -> APIError:
@@ -27,7 +28,7 @@ def shutting_down() -> APIError:
 
 
 def _final_events() -> bytes:
-    return f"data: {json.dumps(shutting_down().to_dict())}\n\ndata: [DONE]\n\n".encode()
+    return data_event(dump_json(shutting_down().to_dict())) + DONE
 
 
 class EndRequestsOnShutdown:

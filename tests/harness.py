@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nudging_core.generation import Generation, GenerationRequest
 from nudging_core.nudging import NudgingParams
-from nudging_core.types import GenerationStats, Piece, Role, SamplingParams
+from nudging_core.types import GenerationStats, Piece, Role, SamplingParams, Source
 from nudging_core.upstream import Upstream
 
 BASE_PROMPT = "Q\n"
@@ -16,19 +17,31 @@ NUDGING_PROMPT = "<user>Q<assistant>"
 
 
 @dataclass
-class Outcome:
+class NudgingRun:
     text: str
     pieces: list[Piece]
     stats: GenerationStats
     finish_reason: str
     completion_tokens: int
 
+    def logprobs(self) -> tuple[dict[str, list[Any]], list[tuple[Source, float | None]]]:
+        """The answer's logprobs (its pieces' joined), and per token who wrote it and the
+        base's top-1 probability there."""
+        joined: dict[str, list[Any]] = {}
+        for piece in self.pieces:
+            for key, values in (piece.logprobs or {}).items():
+                joined.setdefault(key, []).extend(values)
+        sources = [(piece.source, written.base_top_prob)
+                   for piece in self.pieces for written in piece.written]
+        return joined, sources
+
 
 async def run_nudging(
     upstreams: Mapping[Role, Upstream], max_tokens: int = 200, stop: tuple[str, ...] = (),
-    sampling: SamplingParams | None = None, **params: object,
-) -> Outcome:
-    """One nudging generation of `BASE_PROMPT` / `NUDGING_PROMPT` on `upstreams`."""
+    sampling: SamplingParams | None = None, logprobs: int | None = None, **params: object,
+) -> NudgingRun:
+    """One nudging generation of `BASE_PROMPT` / `NUDGING_PROMPT` on `upstreams` (with
+    `logprobs`, the client's k)."""
     request = GenerationRequest(
         method="nudging",
         max_tokens=max_tokens,
@@ -37,6 +50,8 @@ async def run_nudging(
         stop=stop,
         sampling=sampling or SamplingParams(),
         params=NudgingParams(**params),  # type: ignore[arg-type]
+        return_logprobs=logprobs is not None,
+        top_logprobs=logprobs or 0,
     )
     generation = Generation(request, upstreams)
     try:
@@ -44,7 +59,7 @@ async def run_nudging(
     finally:
         for upstream in upstreams.values():
             await upstream.aclose()
-    return Outcome(
+    return NudgingRun(
         "".join(p.text for p in pieces), pieces, generation.stats, generation.finish_reason,
         generation.completion_tokens,
     )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
 import pytest
+from starlette.responses import JSONResponse
 
 from nudging_core.config import parse_config
 from server.app import create_app
+from server.routes import READY_CACHE_SECONDS
 
 from .conftest import BASE_PROMPT, NUDGER_PROMPT, USER
 from .servers import running
@@ -277,3 +280,28 @@ def test_auto_template_is_rendered_by_the_upstream(proxy: str) -> None:
                       json={"model": "nudged-auto", "messages": [{"role": "user", "content": USER}]}).json()
     builtin = httpx.post(proxy + "/v1/chat/completions", json=chat_body()).json()
     assert auto["choices"][0]["message"]["content"] == builtin["choices"][0]["message"]["content"]
+
+
+def test_ready_asks_the_upstreams_at_most_once_a_second() -> None:
+    asked: list[str] = []
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        asked.append(scope["path"])
+        await JSONResponse({"object": "list", "data": [{"id": "b", "object": "model"}]})(scope, receive, send)
+
+    with running(upstream) as upstream_url:
+        config = parse_config({"models": [
+            {"name": "m", "method": "base_only", "base": {"url": upstream_url + "/v1", "model": "b",
+                                                          "dialect": "vllm"}}]})
+        with running(create_app(config)) as proxy_url, httpx.Client(base_url=proxy_url) as client:
+            started = time.monotonic()
+            answers = [client.get("/ready") for _ in range(10)]
+            took = time.monotonic() - started
+            assert took < READY_CACHE_SECONDS, took
+            assert [answer.status_code for answer in answers] == [200] * 10
+            assert asked == ["/v1/models"]  # one check, shared by the next nine
+            time.sleep(READY_CACHE_SECONDS)
+            assert client.get("/ready").status_code == 200
+            assert asked == ["/v1/models"] * 2

@@ -6,8 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from nudging_core.upstream import AnswerCaps, UpstreamClient
 from nudging_core.upstream.bounded import OverLimit, bounded_lines, read_bounded
+
+from .servers import running
 
 
 async def _chunks(*chunks: bytes) -> AsyncIterator[bytes]:
@@ -50,3 +54,25 @@ def test_a_body_over_the_cap() -> None:
     assert asyncio.run(read_bounded(_chunks(b"a" * 50, b"b" * 50), 100)) == b"a" * 50 + b"b" * 50
     with pytest.raises(OverLimit):
         asyncio.run(read_bounded(_chunks(b"a" * 50, b"b" * 51), 100))
+
+
+def test_a_huge_models_body_is_not_ready() -> None:
+    """`ready()` reads `/v1/models` under the JSON cap: an upstream that sends a far larger body
+    (64 MiB here, against a 1 MiB cap) is not ready, and the proxy does not buffer it."""
+    async def huge_models(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        for _ in range(1024):
+            await send({"type": "http.response.body", "body": b" " * 65536, "more_body": True})
+            await asyncio.sleep(0.001)
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def check(url: str) -> bool:
+        client = UpstreamClient(url + "/v1", "m", role="base", caps=AnswerCaps(body=1024 * 1024))
+        try:
+            return await asyncio.wait_for(client.ready(), 20)
+        finally:
+            await client.aclose()
+
+    with running(huge_models) as url:
+        assert asyncio.run(check(url)) is False

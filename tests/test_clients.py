@@ -6,7 +6,9 @@ suite's findings."""
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -88,6 +90,10 @@ def stack() -> Iterator[Stack]:
             {"name": "nudged", **pair},
             {"name": "base-only", "method": "base_only", "base": pair["base"]},
             {"name": "aligned-only", "method": "nudging_only", "nudging": pair["nudging"]},
+            # The upstream's own chat endpoint answers: its tool calls come back.
+            {"name": "aligned-chat", "method": "nudging_only", "passthrough": "chat",
+             "nudging": pair["nudging"]},
+            {"name": "nudged-tools", "on_tools": "nudging_only", **pair},
         ]})
         recorder = Recorder(create_proxy(config))
         yield Stack(stack.enter_context(running(recorder)), recorder)
@@ -239,8 +245,8 @@ def test_openai_models_retrieve_and_errors(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model="nudged", messages=MESSAGES, logprobs=True)
-    assert raised.value.param == "logprobs"
+        client.chat.completions.create(model="nudged", messages=MESSAGES, presence_penalty=0.5)
+    assert raised.value.param == "presence_penalty"
 
 
 # --- langchain-openai -----------------------------------------------------------------------
@@ -274,15 +280,23 @@ def weather(city: str) -> str:
     return "sunny"
 
 
-def test_langchain_bind_tools(stack: Stack) -> None:
-    passthrough = chat_openai(stack, "aligned-only").bind_tools([weather])
-    # Chat is rendered as the upstream's completion: the tools reach it and are not acted on.
-    answer = passthrough.invoke("What is the weather in Paris?")
-    assert answer.content and answer.tool_calls == []
-    nudged = chat_openai(stack, "nudged").bind_tools([weather])
+@pytest.mark.parametrize("model", ["nudged", "aligned-only"])
+def test_langchain_bind_tools_where_the_proxy_renders_the_chat_is_refused(stack: Stack, model: str) -> None:
+    # Chat rendered as a completion could not call tools: a 400 rather than a silent text answer.
     with pytest.raises(openai.BadRequestError) as raised:
-        nudged.invoke("What is the weather in Paris?")
+        chat_openai(stack, model).bind_tools([weather]).invoke("What is the weather in Paris?")
     assert raised.value.param == "tools"
+
+
+@pytest.mark.parametrize("model", ["aligned-chat", "nudged-tools"])
+def test_langchain_bind_tools_gets_the_upstream_s_tool_call(stack: Stack, model: str) -> None:
+    # The simulator calls a function the request names (vLLM's named tool choice).
+    tool_model = chat_openai(stack, model).bind_tools([weather], tool_choice="weather")
+    question = "What is the weather in Paris?"
+    streamed = functools.reduce(operator.add, tool_model.stream(question))
+    for answer in (tool_model.invoke(question), streamed):
+        calls = [(call["name"], call["args"]) for call in answer.tool_calls]
+        assert calls == [("weather", {"city": "simulated"})]
 
 
 @pytest.mark.parametrize("model", ["nudged", "base-only", "aligned-only"])
@@ -330,16 +344,34 @@ async def test_litellm_acompletion(stack: Stack, litellm: Any, model: str) -> No
     assert answer.choices[0].message.content
 
 
-@pytest.mark.parametrize(("model", "param"), [("nudged", "tools"), ("base-only", "messages")])
-def test_openai_tools_and_tool_messages_are_refused_by_name(stack: Stack, model: str, param: str) -> None:
+@pytest.mark.parametrize("model", ["nudged", "base-only"])
+def test_openai_tools_are_refused_by_name_and_a_tool_history_is_answered(stack: Stack, model: str) -> None:
     tool: Any = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk(stack).chat.completions.create(model=model, messages=MESSAGES, tools=[tool])
+    assert raised.value.param == "tools"
+    # Without `tools`, a history with a call and its result is rendered as text (README).
     history: list[ChatCompletionMessageParam] = [
         *MESSAGES,
         {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                "function": {"name": "weather", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]
-    with pytest.raises(openai.BadRequestError) as raised:
-        sdk(stack).chat.completions.create(model=model, messages=MESSAGES if param == "tools" else history,
-                                           tools=[tool])
-    assert raised.value.param == param
+    answer = sdk(stack).chat.completions.create(model=model, messages=history, max_tokens=8)
+    assert answer.choices[0].message.content
+
+
+@pytest.mark.parametrize("model", ["aligned-chat", "nudged-tools"])
+def test_openai_tool_calls_and_tool_messages_pass_through(stack: Stack, model: str) -> None:
+    tool: Any = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    called = sdk(stack).chat.completions.create(model=model, messages=MESSAGES, tools=[tool],
+                                                tool_choice="required")
+    calls = called.choices[0].message.tool_calls or []
+    assert [(call.type, call.function.name) for call in calls] == [("function", "weather")]  # type: ignore[union-attr]
+    history: list[ChatCompletionMessageParam] = [
+        *MESSAGES, called.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"}]
+    answer = sdk(stack).chat.completions.create(model="aligned-chat", messages=history, tools=[tool],
+                                                max_tokens=8)
+    assert answer.choices[0].message.content

@@ -47,6 +47,10 @@ def test_shipped_configs_load() -> None:
          "models.0.base.max_event_bytes"),
         ({"models": [{"name": "a", "method": "base_only", "base": {**UPSTREAM, "max_answer_bytes": "16M"}}]},
          "models.0.base.max_answer_bytes"),
+        ({"models": [{"name": "a", "method": "base_only", "base": {**UPSTREAM, "timeouts": {"read": 0}}}]},
+         "models.0.base.timeouts.read"),
+        ({"models": [{"name": "a", "method": "base_only", "base": {**UPSTREAM, "timeouts": {"reed": 5}}}]},
+         "models.0.base.timeouts.reed"),
         ({"server": {"port": 0}, "models": [{"name": "a", "method": "base_only", "base": UPSTREAM}]},
          "server.port"),
     ],
@@ -87,3 +91,16 @@ def test_no_keys_means_open(monkeypatch: pytest.MonkeyPatch) -> None:
                            "models": [{"name": "a", "method": "base_only", "base": UPSTREAM}]})
     with running(create_app(config)) as proxy:
         assert httpx.get(proxy + "/v1/models").status_code == 200
+
+
+def test_models_sharing_an_upstream_must_agree_on_its_pool_settings() -> None:
+    # One ReplicaSet serves both models: the second one's slots and timeouts would be ignored.
+    slow = {**UPSTREAM, "max_in_flight": 8, "timeouts": {"read": 5}}
+    message = config_error({"models": [{"name": "a", "method": "base_only", "base": UPSTREAM},
+                                       {"name": "b", "method": "base_only", "base": slow}]})
+    assert "model 'b' shares its base upstream" in message and "model 'a'" in message
+    assert "max_in_flight, timeouts differently" in message
+    # The same settings, or another upstream model, are fine.
+    parse_config({"models": [{"name": "a", "method": "base_only", "base": slow},
+                             {"name": "b", "method": "base_only", "base": slow},
+                             {"name": "c", "method": "base_only", "base": {**UPSTREAM, "model": "other"}}]})

@@ -58,6 +58,7 @@ from nudging_core.nudging import NudgingParams
 from nudging_core.templates import Message, base_prompt
 from nudging_core.types import GenerationStats, Role
 from nudging_core.upstream import UpstreamClient
+from server.routes import READY_CACHE_SECONDS
 
 # Importing it runs the local upstream's start-up check on both models, and fails this module
 # as well when the installed llama.cpp build cannot serve them on this CPU.
@@ -625,6 +626,7 @@ def test_a_crashed_model_process_is_reported_and_restarted(demo: Demo) -> None:
         time.sleep(0.1)
     assert report in demo.log.read_text(errors="replace")
     # The restart evaluates a test prompt and loads the model: seconds in which it is down.
+    time.sleep(READY_CACHE_SECONDS)  # /ready answers from a check up to that old
     assert httpx.get(demo.proxy + "/ready", timeout=30).status_code == 503
     answer = sdk(demo).with_options(max_retries=0)
     with pytest.raises(openai.APIStatusError) as failed:

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 
 from nudging_core.config import load_config
 from nudging_core.nudging.rules import clean_repetitions
-from nudging_eval.backends import AnswerOptions, Backend, InProcessBackend, Outcome
+from nudging_eval.backends import AnswerOptions, Backend, BackendAnswer, InProcessBackend
 from nudging_eval.cli import EXPERIMENTS, add_arguments, evaluate, main, run_name
 from nudging_eval.datasets import Sample
 from nudging_eval.runner import RunSettings, read_records, run_samples
@@ -182,7 +182,7 @@ class StallsAfter(Backend):
         self.inner, self.model, self.left = inner, inner.model, count
         self.stalled = asyncio.Event()
 
-    async def generate(self, sample: Sample, options: AnswerOptions) -> Outcome:
+    async def generate(self, sample: Sample, options: AnswerOptions) -> BackendAnswer:
         if self.left == 0:
             self.stalled.set()
             await asyncio.Event().wait()

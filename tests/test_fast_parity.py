@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from tests import test_paper_rules
 from tests.harness import BASE_PROMPT as PB
 from tests.harness import NUDGING_PROMPT as PN
-from tests.harness import Outcome
+from tests.harness import NudgingRun
 from tests.test_paper_rules import Hub, Scripted
 
 WORDS = (" la", " da", " the", " sky", " is", " blue", ".", "\n")
@@ -106,21 +106,25 @@ def case_from(rng: random.Random) -> Case:
     return Case(base, nudger, params)
 
 
-async def both(hub: tuple[Hub, str, Iterator[int]], case: Case) -> tuple[Outcome, Outcome]:
+async def both(hub: tuple[Hub, str, Iterator[int]], case: Case) -> tuple[NudgingRun, NudgingRun]:
     app, url, keys = hub
     pair = Scripted(app, url, f"parity{next(keys)}")
     serve(pair, case.base, case.nudger)
-    paper = await pair.run(max_tokens=BUDGET, strategy="paper", **case.params)
-    fast = await pair.run(max_tokens=BUDGET, strategy="fast", **case.params)
+    # Logprobs with k = 1 ask the upstreams what nudging asks them anyway.
+    paper = await pair.run(max_tokens=BUDGET, strategy="paper", logprobs=1, **case.params)
+    fast = await pair.run(max_tokens=BUDGET, strategy="fast", logprobs=1, **case.params)
     return paper, fast
 
 
-def assert_same(paper: Outcome, fast: Outcome, case: Case) -> None:
+def assert_same(paper: NudgingRun, fast: NudgingRun, case: Case) -> None:
     assert paper.stats.stop_reason != "length", "the budget bound: make it larger"
     assert (fast.text, fast.finish_reason, fast.stats.stop_reason) == (
         paper.text, paper.finish_reason, paper.stats.stop_reason), case
     assert fast.stats.rules == paper.stats.rules, case
     assert fast.completion_tokens == paper.completion_tokens
+    # The same logprobs, each token's from the model that wrote it, and the same report.
+    assert fast.logprobs() == paper.logprobs(), case
+    assert len(fast.logprobs()[1]) == fast.completion_tokens
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,

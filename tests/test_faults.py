@@ -135,7 +135,7 @@ def stack() -> Iterator[Stack]:
 
 
 @dataclass
-class Outcome:
+class ProxyAnswer:
     status: int
     code: str | None  # the error's code, from the body or the stream's error event
     message: str
@@ -144,7 +144,7 @@ class Outcome:
     raw: str
 
 
-def ask(stack: Stack, model: str = "nudged", *, stream: bool, max_tokens: int = 12) -> Outcome:
+def ask(stack: Stack, model: str = "nudged", *, stream: bool, max_tokens: int = 12) -> ProxyAnswer:
     body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
             "stream": stream}
     with httpx.stream("POST", stack.proxy + "/v1/chat/completions", json=body, timeout=30) as response:
@@ -153,7 +153,8 @@ def ask(stack: Stack, model: str = "nudged", *, stream: bool, max_tokens: int = 
         payload = json.loads(raw)
         error = payload.get("error") or {}
         text = "" if error else payload["choices"][0]["message"]["content"]
-        return Outcome(response.status_code, error.get("code"), error.get("message", ""), text, payload, raw)
+        return ProxyAnswer(response.status_code, error.get("code"), error.get("message", ""), text,
+                           payload, raw)
     events = [line[len("data: "):] for line in raw.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]", raw
     chunks = [json.loads(event) for event in events[:-1]]
@@ -162,7 +163,7 @@ def ask(stack: Stack, model: str = "nudged", *, stream: bool, max_tokens: int = 
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
     error = errors[0] if errors else {}
     last = chunks[-1] if chunks else None
-    return Outcome(200, error.get("code"), error.get("message", ""), text, last, raw)
+    return ProxyAnswer(200, error.get("code"), error.get("message", ""), text, last, raw)
 
 
 # fault -> the error code the client sees (None: the answer succeeds)

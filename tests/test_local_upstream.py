@@ -44,7 +44,7 @@ import llama_cpp
 from upstreams.local import weights
 from upstreams.local.app import create_app
 from upstreams.local.cli import add_arguments
-from upstreams.local.generation import Outcome, Prefill, generate
+from upstreams.local.generation import GenerationResult, Prefill, generate
 from upstreams.local.text import StopStrings, Utf8Pieces
 from upstreams.openai_api import Sampling
 
@@ -414,7 +414,7 @@ def test_characters_split_across_tokens_are_never_halved() -> None:
     data = text.encode()
     pieces = [data[i:i + 2] for i in range(0, len(data), 2)]  # cuts most characters
     model = ByteModel(pieces)
-    outcome = Outcome()
+    outcome = GenerationResult()
     steps = list(generate(model, [1], Sampling(max_tokens=100, temperature=0.0, logprobs=1),
                           outcome))
     assert outcome.text == text and outcome.finish_reason == "stop"

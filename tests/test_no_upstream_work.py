@@ -1,6 +1,7 @@
 """A request that deserves a 400 gets it before any upstream request: every limit, every field a
 nudged model cannot honour, the `max_tokens` cap and bad messages, also with `chat_template:
-auto` (whose rendering is itself an upstream request)."""
+auto` (whose rendering is itself an upstream request) and for chat passthrough (the limits and
+the cap)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def proxy() -> Iterator[Proxy]:
              "nudging": {"url": nudger_url, "model": "nudger", "chat_template": template},
              "max_tokens_limit": 1000, "default_max_tokens": 100}
             for name, template in zip(MODELS, ("chatml", "auto"), strict=True)
+        ] + [
+            {"name": "aligned-chat", "method": "nudging_only", "max_tokens_limit": 1000,
+             "nudging": {"url": nudger_url, "model": "nudger", "chat_template": "auto"}},
         ]})
         yield Proxy(stack.enter_context(running(create_app(config))), (base, nudger))
 
@@ -70,7 +74,7 @@ UNSUPPORTED = [
     ("chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     ("chat/completions", chat(response_format={"type": "json_object"}), "response_format"),
     ("chat/completions", chat(logit_bias={"1": 1}), "logit_bias"),
-    ("chat/completions", chat(logprobs=True), "logprobs"),
+    ("chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     ("chat/completions", chat(presence_penalty=0.5), "presence_penalty"),
     ("chat/completions", chat(ignore_eos=True), "ignore_eos"),
     ("chat/completions", chat(repetition_penalty=1.3), "repetition_penalty"),
@@ -78,19 +82,23 @@ UNSUPPORTED = [
     ("completions", completion(top_k=20), "top_k"),
     ("completions", completion(echo=True), "echo"),
     ("completions", completion(suffix="!"), "suffix"),
-    ("completions", completion(logprobs=0), "logprobs"),
+    ("completions", completion(logprobs=21), "logprobs"),
     ("completions", completion(best_of=2), "best_of"),
 ]
 BAD_INPUT = [
     ("completions", completion(prompt=["a", ""]), "prompt"),
     ("completions", completion(prompt=["a", "b"], nudging={"nudging_prompt": "x"}), "nudging.nudging_prompt"),
     ("chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages"),
-    ("chat/completions", chat(messages=[user("a"), {"role": "tool", "content": "b"}]), "messages"),
+    ("chat/completions", chat(messages=[user("a"), {"role": "assistant", "content": None, "tool_calls": "x"},
+                                        user("b")]), "messages"),
 ]
 CASES = [
     pytest.param(endpoint, {**body, "model": model}, param, id=f"{model}-{endpoint}-{param}-{index}")
     for model in MODELS
     for index, (endpoint, body, param) in enumerate(OVER_LIMIT + UNSUPPORTED + BAD_INPUT)
+] + [
+    pytest.param(endpoint, {**body, "model": "aligned-chat"}, param, id=f"aligned-chat-{param}-{index}")
+    for index, (endpoint, body, param) in enumerate(OVER_LIMIT) if endpoint == "chat/completions"
 ]
 
 

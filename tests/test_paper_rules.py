@@ -30,7 +30,7 @@ from nudging_core.types import Role, SamplingParams
 from nudging_core.upstream import MemoryUpstream, Upstream
 from tests.harness import BASE_PROMPT as PB
 from tests.harness import NUDGING_PROMPT as PN
-from tests.harness import Outcome, run_nudging
+from tests.harness import NudgingRun, run_nudging
 from tests.scripted import ScriptedUpstream
 
 # --- infrastructure ------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class Scripted:
     def upstreams(self) -> dict[Role, Upstream]:
         return {"base": self.mounts["b"].upstream_for(), "nudging": self.mounts["n"].upstream_for()}
 
-    async def run(self, max_tokens: int = 200, stop: tuple[str, ...] = (), **params: Any) -> Outcome:
+    async def run(self, max_tokens: int = 200, stop: tuple[str, ...] = (), **params: Any) -> NudgingRun:
         self.log.clear()
         out = await run_nudging(self.upstreams(), max_tokens=max_tokens, stop=stop, **params)
         received = {"base": sum(e["role"] == "b" for e in self.log),

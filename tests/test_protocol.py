@@ -13,10 +13,10 @@ from nudging_core.errors import (
     invalid_request,
     model_not_found,
     unauthorized,
-    upstream_error_body,
     upstream_failure,
     upstream_unavailable,
 )
+from nudging_core.jsonio import dump_json
 from nudging_core.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
@@ -32,15 +32,18 @@ from nudging_core.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
+    NudgingChunkSource,
     NudgingReport,
-    Span,
+    SpanReport,
     UsageInfo,
     parse_request,
     unsupported_fields,
 )
 from nudging_core.templates import Message, TemplateError, normalize_messages
+from nudging_core.types import Piece, Token, WrittenToken
 from nudging_core.upstream import ContextOverflow, UpstreamError, UpstreamTimeout
 from server.errors import install_error_handlers
+from server.responses import ChatShape, TextShape, token_sources
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "Once upon a time"}
@@ -282,7 +285,7 @@ def test_completion_response_shape() -> None:
 
 def test_chat_response_with_nudging_report() -> None:
     report = NudgingReport(
-        spans=[Span(text="Sure", source="nudging"), Span(text=", here.", source="base")],
+        spans=[SpanReport(text="Sure", source="nudging"), SpanReport(text=", here.", source="base")],
         tokens={"base": 3, "nudging": 1},
         rounds=2,
         upstream_requests={"base": 4, "nudging": 2},
@@ -406,7 +409,6 @@ def test_upstream_failure(error: UpstreamError, status: int, code: str | None) -
     api = upstream_failure(error)
     assert (api.status_code, api.code) == (status, code)
     assert error.role in api.message and "10.1.2.3" not in api.message
-    assert upstream_error_body(error) == api.to_dict()
 
 
 @pytest.fixture
@@ -519,3 +521,36 @@ def test_unexpected_exception_is_generic_500(client: TestClient) -> None:
         and "vllm-base" not in response.text
         and "RuntimeError" not in response.text
     )
+
+
+TEXT_LOGPROBS = {"tokens": [" hi"], "token_logprobs": [-0.25], "top_logprobs": [{" hi": -0.25, " yo": -1.5}],
+                 "text_offset": [0]}
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "text"])
+@pytest.mark.parametrize("with_provenance", [False, True])
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("piece", [
+    Piece(" hi", "base", (3,)),
+    Piece("", "nudging", (), logprobs=TEXT_LOGPROBS),
+    Piece(" hi", "nudging", (3,), logprobs=TEXT_LOGPROBS,
+          written=(WrittenToken(Token(" hi", -0.25, -0.25), base_top_prob=0.4),)),
+], ids=["text", "logprobs-only", "written"])
+def test_a_text_chunk_is_the_response_models_chunk(
+    chat: bool, with_provenance: bool, include_usage: bool, piece: Piece
+) -> None:
+    # Text chunks are built by hand (they are sent per token); every other chunk goes through
+    # the response models. Both must give the same chunk, keys and nulls alike.
+    shape: ChatShape | TextShape = TextShape(model="m", with_provenance=with_provenance,
+                                             include_usage=include_usage)
+    if chat:
+        shape = ChatShape(model="m", with_provenance=with_provenance, include_usage=include_usage,
+                          top_logprobs=2)
+    source = (NudgingChunkSource(source=piece.source, token_sources=token_sources([piece]))
+              if with_provenance else None)
+    by_models = shape.chunk(3, piece.text, report=source, logprobs=shape.logprobs([piece]))
+    by_hand = shape.text_chunk(3, piece)
+    assert by_hand == by_models
+    assert list(by_hand) == list(by_models)
+    assert list(by_hand["choices"][0]) == list(by_models["choices"][0])
+    assert json.loads(dump_json(by_hand)) == by_models

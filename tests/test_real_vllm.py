@@ -213,6 +213,19 @@ def test_auto_template_gives_the_upstream_s_prompt_size(proxy: httpx.Client, smo
     assert 0 < nudged["usage"]["completion_tokens"] <= 24
 
 
+def test_chat_passthrough_gives_vllm_s_structured_output(proxy: httpx.Client, smol: httpx.Client) -> None:
+    # smollm-auto passes chat through (chat_template: auto): vLLM's structured outputs apply.
+    request = {"messages": [{"role": "user", "content": "Answer in JSON: one tip to stay healthy."}],
+               "max_tokens": 48, "temperature": 0, "response_format": {"type": "json_object"}}
+    ours = _ok(proxy.post("/v1/chat/completions", json={"model": "smollm-auto", **request}))
+    direct = _ok(smol.post("/v1/chat/completions", json={"model": SMOL, **request}))
+    choice, expected = ours["choices"][0], direct["choices"][0]
+    assert ours["model"] == "smollm-auto"
+    assert choice["message"] == expected["message"] and choice["finish_reason"] == expected["finish_reason"]
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
 # Gemma's instruction template: it starts with `{{ bos_token }}`, as Llama 2 and 3 do.
 GEMMA_IT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -334,7 +347,7 @@ def test_bad_fields_are_the_client_s_400(proxy: httpx.Client) -> None:
         "/v1/completions", json={"model": "gemma-base", "prompt": "Hi", "max_tokens": "four"}
     )
     assert bad_type.status_code == 400 and bad_type.json()["error"]["param"] == "max_tokens"
-    nudged = proxy.post("/v1/completions", json={"model": "gemma-nudged", "prompt": "Hi", "logprobs": 2})
+    nudged = proxy.post("/v1/completions", json={"model": "gemma-nudged", "prompt": "Hi", "logprobs": 21})
     assert nudged.status_code == 400 and nudged.json()["error"]["param"] == "logprobs"
     too_long = proxy.post("/v1/completions", json={"model": "gemma-base", "prompt": "Hi", "max_tokens": 4000})
     assert too_long.status_code == 400, too_long.text
@@ -406,6 +419,40 @@ def test_nudging_only_chat_returns_logprobs(proxy: httpx.Client, smol: httpx.Cli
         assert entry["logprob"] <= 0 and bytes(entry["bytes"]).decode() == entry["token"]
         assert 1 <= len(entry["top_logprobs"]) <= 3
         assert entry["top_logprobs"][0]["logprob"] >= entry["logprob"] - 1e-6
+
+
+def test_a_nudged_answer_s_logprobs_are_each_writer_s_own(
+    proxy: httpx.Client, gemma: httpx.Client, smol: httpx.Client
+) -> None:
+    question = CHAT[0]["content"]
+    prompt = question + "\n"
+    nudging_prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    choice = _ok(proxy.post("/v1/completions", json={
+        "model": "gemma-nudged", "prompt": prompt, "max_tokens": 32, "logprobs": 3,
+        "nudging": {"nudging_prompt": nudging_prompt, "return_provenance": True}}))["choices"][0]
+    text, logprobs, sources = choice["text"], choice["logprobs"], choice["nudging"]["token_sources"]
+    assert "".join(logprobs["tokens"]) == text and len(sources) == len(logprobs["tokens"])
+    writers = {"base": (gemma, GEMMA, prompt), "nudging": (smol, SMOL, nudging_prompt)}
+    compared = []
+    for index, (token, offset, entry) in enumerate(
+            zip(logprobs["tokens"], logprobs["text_offset"], sources, strict=True)):
+        server, model, own_prompt = writers[entry["source"]]
+        own = _direct(server, model, prompt=own_prompt + text[:offset], max_tokens=1, logprobs=3)
+        own_logprobs = own["choices"][0]["logprobs"]
+        if own_logprobs["tokens"][0] != token:
+            continue  # the text re-tokenized splits differently here, or a word boundary cut the token
+        # The answer decoded this token, the check prefills it: in bf16 the CPU rounds the two apart
+        # by up to several percent (0.50 against 0.47 seen), so they are compared as probabilities
+        # within 10%, with a floor for the unlikely ones, which round furthest apart in log space.
+        shared = set(logprobs["top_logprobs"][index]) & set(own_logprobs["top_logprobs"][0])
+        assert token in shared
+        for alternative in shared:
+            assert math.exp(logprobs["top_logprobs"][index][alternative]) == pytest.approx(
+                math.exp(own_logprobs["top_logprobs"][0][alternative]), rel=0.1, abs=0.01)
+        assert logprobs["token_logprobs"][index] == logprobs["top_logprobs"][index][token]
+        compared.append(entry["source"])
+    assert set(compared) == {entry["source"] for entry in sources}
+    assert len(compared) >= len(sources) // 2
 
 
 def test_base_only_echo_with_logprobs_is_vllm_s_answer(proxy: httpx.Client, gemma: httpx.Client) -> None:
@@ -548,7 +595,9 @@ def test_vllm_s_request_ids_are_unique_when_clients_reuse_one(vllm: VllmPair) ->
             with ThreadPoolExecutor(2) as pool:
                 answers = list(pool.map(ask, range(2)))
     assert [answer.status_code for answer in answers] == [200, 200]
-    assert answers[0].json()["choices"][0]["message"] == answers[1].json()["choices"][0]["message"]
+    # The two texts may differ: vLLM on the CPU is not batch-invariant (two requests decoded in
+    # one batch round differently from one alone), so only their ids are compared.
+    assert all(answer.json()["choices"][0]["message"]["content"] for answer in answers)
     assert len(engine_ids) >= 4 and all(i.startswith("cmpl-the-same-id-") for i in engine_ids)
     assert len(set(engine_ids)) == len(engine_ids), engine_ids
 

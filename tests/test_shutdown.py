@@ -1,29 +1,23 @@
-"""SIGTERM to a real `nudging-proxy serve`: it stops accepting connections, lets a running
-stream finish within `shutdown_grace_seconds`, ends one that outlasts it with an error event
-and [DONE], and exits 0."""
+"""SIGTERM to a real `nudging-proxy serve` (one process, or two workers): it stops accepting
+connections, lets a running stream finish within `shutdown_grace_seconds`, ends one that
+outlasts it with an error event and [DONE], and exits 0."""
 
 from __future__ import annotations
 
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from upstreams.simulator.app import create_app as create_simulator
 
-from .servers import free_port, running
-
-ROOT = Path(__file__).resolve().parent.parent
+from .servers import running, serve_process
 
 
 @pytest.fixture(scope="module")
@@ -31,34 +25,6 @@ def simulator() -> Iterator[str]:
     # The real latency model: 30 ms per base token, so a stream lasts as long as a test needs.
     with running(create_simulator("base", time_scale=1.0)) as url:
         yield url
-
-
-@contextmanager
-def serve(tmp_path: Path, simulator: str, grace: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    config = {"server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": grace},
-              "models": [{"name": "base", "method": "base_only", "max_tokens_limit": 4000,
-                          "base": {"url": simulator + "/v1", "model": "base"}}]}
-    path = tmp_path / "proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--config", str(path)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the proxy exited"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the proxy did not start"
-            time.sleep(0.1)
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def refuses_connections(port: int, within: float = 10) -> bool:
@@ -83,8 +49,9 @@ def open_requests(simulator: str) -> int:
     return int(httpx.get(simulator + "/stats").json()["open_requests"])
 
 
-def test_a_running_stream_finishes_after_sigterm(tmp_path: Path, simulator: str) -> None:
-    with serve(tmp_path, simulator, grace=30) as (process, port):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_running_stream_finishes_after_sigterm(tmp_path: Path, simulator: str, workers: int) -> None:
+    with serve_process(tmp_path, simulator, grace=30, workers=workers) as (process, port):
         body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 150, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
                           timeout=60) as response:
@@ -100,10 +67,11 @@ def test_a_running_stream_finishes_after_sigterm(tmp_path: Path, simulator: str)
         assert process.wait(timeout=30) == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event(
-    tmp_path: Path, simulator: str
+    tmp_path: Path, simulator: str, workers: int
 ) -> None:
-    with serve(tmp_path, simulator, grace=1) as (process, port):
+    with serve_process(tmp_path, simulator, grace=1, workers=workers) as (process, port):
         body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 3000, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
                           timeout=60) as response:

@@ -662,12 +662,22 @@ async def test_latency_and_shared_decode_steps() -> None:
         body = {"prompt": chatml("What is photosynthesis?"), "max_tokens": 10, "temperature": 0}
         started = time.perf_counter()
         await c.post("/v1/completions", json=body)
-        single = time.perf_counter() - started
-        started = time.perf_counter()
+        assert time.perf_counter() - started >= 0.2  # 10 ms + 10 tokens x 20 ms, never less
+
+        # Decode steps are shared, not queued: all four requests are open at once.
+        most_open = 0
+
+        async def watch() -> None:
+            nonlocal most_open
+            while True:
+                stats = (await c.get("/stats")).json()
+                most_open = max(most_open, stats["open_requests"])
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
         await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(4)))
-        concurrent = time.perf_counter() - started
-    assert single >= 0.2  # 10 ms + 10 tokens x 20 ms
-    assert concurrent < 2 * single  # decode steps are shared, not queued
+        watcher.cancel()
+    assert most_open == 4
 
 
 def test_prefix_cache_counts_whole_blocks() -> None:
@@ -738,8 +748,64 @@ async def test_tokenizer_endpoints_refuse_as_vllm(aligned: httpx.AsyncClient) ->
     assert (await aligned.post("/detokenize", json={"tokens": "x"})).status_code == 400
 
 
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_token_id_prompt_is_read_as_its_text(aligned: httpx.AsyncClient, batched: bool) -> None:
+    prompt = chatml("What is photosynthesis?")
+    ids = (await aligned.post("/tokenize", json={"prompt": prompt})).json()["tokens"]
+    body = {"max_tokens": 8, "temperature": 0, "logprobs": 1, "echo": True}
+    by_text = (await aligned.post("/v1/completions", json={**body, "prompt": prompt})).json()
+    id_prompt = [ids] if batched else ids
+    by_ids = (await aligned.post("/v1/completions", json={**body, "prompt": id_prompt})).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert by_ids["choices"][0]["logprobs"] == by_text["choices"][0]["logprobs"]
+    assert by_ids["usage"] == by_text["usage"]
+    unknown = await aligned.post("/v1/completions", json={**body, "prompt": [0xFF]})
+    assert unknown.status_code == 400 and "255" in unknown.json()["error"]["message"]
+
+
 async def test_tokenizer_info(aligned: httpx.AsyncClient) -> None:
     info = (await aligned.get("/tokenizer_info")).json()
     # lm-eval's remote tokenizer needs the `eos_token` key; vLLM always sends tokenizer_class.
     assert info["tokenizer_class"] == "SimulatorTokenizer" and "eos_token" in info
     assert info["model_max_length"] == 4096
+
+
+# --------------------------------------------------------------------------------------------
+# The chat endpoint
+
+
+async def test_chat_answers_as_the_completion_of_its_chatml_rendering(aligned: httpx.AsyncClient) -> None:
+    question = "Why is the sky blue?"
+    response = await aligned.post("/v1/chat/completions", json={
+        "model": "aligned", "messages": [{"role": "user", "content": question}], "max_tokens": 10,
+        "temperature": 0})
+    assert response.status_code == 200, response.text
+    chat = response.json()
+    completion = await complete(aligned, prompt=chatml(question), max_tokens=10)
+    assert chat["object"] == "chat.completion"
+    message = chat["choices"][0]["message"]
+    assert (message["role"], message["content"], message["tool_calls"]) == (
+        "assistant", completion["choices"][0]["text"], [])
+    assert chat["usage"] == completion["usage"]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}])
+async def test_chat_forced_tool_choice_is_a_tool_call(aligned: httpx.AsyncClient, tool_choice: Any) -> None:
+    tool = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+    body = {"model": "aligned", "messages": [{"role": "user", "content": "1+2?"}], "tools": [tool],
+            "tool_choice": tool_choice}
+    first, second = [(await aligned.post("/v1/chat/completions", json=body)).json() for _ in range(2)]
+    calls = first["choices"][0]["message"]["tool_calls"]
+    assert calls == second["choices"][0]["message"]["tool_calls"]  # deterministic, ids too
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("function", "add", {"a": 0, "b": 0})]
+
+
+async def test_chat_json_schema_answer_fits_the_schema(aligned: httpx.AsyncClient) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "kind": {"enum": ["x", "y"]}}}
+    response = await aligned.post("/v1/chat/completions", json={
+        "model": "aligned", "messages": [{"role": "user", "content": "Where?"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}})
+    content = response.json()["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"city": "simulated", "kind": "x"}

@@ -35,7 +35,9 @@ def upstream() -> Iterator[str]:
 def _proxy_config(upstream: str, pool: float) -> dict[str, object]:
     base = {"url": upstream + "/v1", "model": "base", "dialect": "vllm", "max_in_flight": 1,
             "timeouts": {"pool": pool}}
-    return {"server": {"send_timeout_seconds": SEND_TIMEOUT_SECONDS},
+    # A stream opens only after its slot wait failed or not, so that failure is still an HTTP error.
+    server = {"send_timeout_seconds": SEND_TIMEOUT_SECONDS, "stream_open_seconds": pool + 5}
+    return {"server": server,
             "models": [{"name": "one-slot", "method": "base_only", "base": base,
                         "max_tokens_limit": LONG_ANSWER_TOKENS}]}
 

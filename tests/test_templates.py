@@ -54,6 +54,26 @@ def test_normalize_text_parts_joined_with_newline() -> None:
     assert normalize_messages([{"role": "user", "content": []}]) == [Message("user", "")]
 
 
+def test_tool_use_renders_as_text() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    messages = normalize_messages([
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c9", "content": [{"type": "text", "text": "12 C"}]},
+    ])
+    assert messages == [
+        Message("user", "Weather in Oslo?"),
+        Message("assistant", 'Let me look.\nTool call: weather({"city": "Oslo"})'),
+        Message("user", "Tool result (weather): sunny\nTool result (tool): 12 C"),
+    ]
+    assert base_prompt(messages) == ('Weather in Oslo?\nLet me look.\nTool call: weather({"city": "Oslo"})\n'
+                                     "Tool result (weather): sunny\nTool result (tool): 12 C\n")
+    # Families that need user/assistant turns to alternate take it as such a turn.
+    assert get_chat_template("gemma-it").render(messages).endswith(
+        "Tool result (tool): 12 C<end_of_turn>\n<start_of_turn>model\n")
+
+
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
@@ -62,7 +82,11 @@ def test_normalize_text_parts_joined_with_newline() -> None:
         ([{"role": "user", "content": ["hi"]}], "only text parts"),
         ([{"role": "user", "content": None}], "must not be null"),
         ([{"role": "user", "content": 5}], "string or a list"),
-        ([{"role": "tool", "content": "x"}], "'tool' is not supported"),
+        ([{"role": "assistant", "content": None, "tool_calls": "x"}], "tool_calls must be a list"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": 3}}]}],
+         "tool_calls[0] must have a function"),
+        ([{"role": "tool", "tool_call_id": "c1", "content": None}], "must not be null"),
+        ([{"role": "function", "content": "x"}], "'function' is not supported"),
         ([{"content": "x"}], "None is not supported"),
         (["hi"], "must be an object"),
         ([], "at least one"),

@@ -8,6 +8,7 @@ strings or a budget that binds, where pieces are cut and counts most easily drif
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from nudging_core.config import parse_config
+from nudging_core.generation import PROMPT_COUNT_WAIT_SECONDS
 from server.app import create_app as create_proxy
 from upstreams.simulator.app import create_app as create_simulator
 
@@ -95,3 +97,22 @@ def test_streamed_usage_is_the_sum_of_the_reported_tokens(proxy: str, model: str
                             if choice.get("nudging") and "tokens" in choice["nudging"]]
         assert usage is not None and reports
         assert usage["completion_tokens"] == reported_tokens(reports), PROMPTS[index].name
+
+
+def test_a_stalled_tokenizer_does_not_hold_the_end_of_an_answer() -> None:
+    # The base upstream's /tokenize answers after 30 s (past nothing but the read timeout).
+    with ExitStack() as stack:
+        base_url = stack.enter_context(running(create_simulator("base", time_scale=0)))
+        aligned_url = stack.enter_context(running(create_simulator("aligned", time_scale=0)))
+        config = parse_config({"models": [{
+            "name": "fast", "base": {"url": base_url + "/v1", "model": "base"},
+            "nudging": {"url": aligned_url + "/v1", "model": "aligned", "chat_template": "chatml"}}]})
+        proxy_url = stack.enter_context(running(create_proxy(config)))
+        assert httpx.post(base_url + "/faults", json={"faults": "kind=tokenize:delay=30"}).status_code == 200
+        request = {"model": "fast", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        started = time.monotonic()
+        answer = httpx.post(proxy_url + "/v1/chat/completions", json=request, timeout=60)
+        took = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] > 0
+    assert took < PROMPT_COUNT_WAIT_SECONDS + 3, took

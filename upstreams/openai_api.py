@@ -3,7 +3,7 @@
 The simulator and the local upstream serve the same subset, so the wire format lives here once:
 the error type and bodies, the request model, its checks and the sampling it asks for, the
 completion envelope, usage and logprobs blocks, SSE framing and the ``/stats`` counters. Where
-the two servers answer differently (wording, the error ``param``), a :class:`Dialect` says how;
+the two servers answer differently (wording, the error ``param``), a :class:`ServerWording` says how;
 what each does beyond this (token-id prompts, prompt logprobs, chat templates) stays in its own
 package. No FastAPI here (see ``openai_server``), so parsing requests stays cheap to import.
 """
@@ -23,7 +23,7 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 @dataclass(frozen=True, slots=True)
-class Dialect:
+class ServerWording:
     """How one server words the shared protocol; each keeps the answers it always gave."""
 
     owned_by: str  # ``owned_by`` of its model in ``/v1/models``
@@ -108,21 +108,21 @@ class CompletionRequest(BaseModel, Generic[Prompt]):
         # The validator made `stop` a list; the field's type is what clients may send.
         return list(self.stop) if isinstance(self.stop, list) else []
 
-    def sampling(self, prompt_tokens: int, max_model_len: int, dialect: Dialect) -> Sampling:
+    def sampling(self, prompt_tokens: int, max_model_len: int, wording: ServerWording) -> Sampling:
         """The request's sampling, as vLLM 0.32 reads it: a prompt over the context is refused,
         and so is a `max_tokens` over it; otherwise `max_tokens` (null: 16) is shortened to the
         room the prompt leaves, and a prompt that leaves none is refused ("max_tokens must be
         at least 1, got 0").
         """
         if prompt_tokens > max_model_len:
-            raise context_length_error(max_model_len, prompt_tokens, 0, dialect)
+            raise context_length_error(max_model_len, prompt_tokens, 0, wording)
         requested = self.max_tokens if self.max_tokens is not None else 16
         if requested > max_model_len:
             raise ApiError(f"max_tokens={requested} cannot be greater than max_model_len={max_model_len}. "
-                           "Please request fewer output tokens.", param=dialect.param("max_tokens"))
+                           "Please request fewer output tokens.", param=wording.param("max_tokens"))
         max_tokens = min(requested, max_model_len - prompt_tokens)
         if max_tokens == 0 and requested > 0:
-            raise ApiError("max_tokens must be at least 1, got 0.", param=dialect.param("max_tokens"))
+            raise ApiError("max_tokens must be at least 1, got 0.", param=wording.param("max_tokens"))
         return Sampling(
             max_tokens=max_tokens,
             temperature=self.temperature if self.temperature is not None else 1.0,
@@ -174,19 +174,19 @@ def parse_body(model: type[Request], body: Any) -> Request:
 
 
 def parse_completion_request(model: type[Completion], body: Any, max_logprobs: int,
-                             dialect: Dialect) -> Completion:
+                             wording: ServerWording) -> Completion:
     request = parse_body(model, body)
     if (request.n or 1) > 1 or (request.best_of or 1) > 1:
-        raise ApiError(dialect.one_sample_only, param=dialect.param("n"))
+        raise ApiError(wording.one_sample_only, param=wording.param("n"))
     if request.logprobs is not None and request.logprobs > max_logprobs:
         raise ApiError(f"Requested sample logprobs of {request.logprobs}, which is greater "
-                       f"than max allowed: {max_logprobs}", param=dialect.param("logprobs"))
-    if request.echo and request.logprobs is not None and not dialect.serves_prompt_logprobs:
+                       f"than max allowed: {max_logprobs}", param=wording.param("logprobs"))
+    if request.echo and request.logprobs is not None and not wording.serves_prompt_logprobs:
         raise ApiError("echo with logprobs (prompt logprobs) is not supported by this server",
-                       param=dialect.param("echo"))
+                       param=wording.param("echo"))
     if request.stream_options is not None and not request.stream:
         raise ApiError("Stream options can only be defined when `stream=True`.",
-                       param=dialect.param("stream_options"))
+                       param=wording.param("stream_options"))
     return request
 
 
@@ -199,28 +199,28 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int,
-                         dialect: Dialect) -> ApiError:
+                         wording: ServerWording) -> ApiError:
     # vLLM 0.32's wording: clients (the proxy included) recognise "maximum context length".
     # (`max_tokens` plays no part: vLLM shortens it to the room the prompt leaves.)
     return ApiError(
         f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
         f"contains at least {prompt_tokens} input tokens, which exceeds this limit even without "
         "any output tokens. Please reduce the length of the input prompt.",
-        param=dialect.param("input_tokens"),
+        param=wording.param("input_tokens"),
     )
 
 
-def check_model(requested: str | None, served: str, dialect: Dialect) -> None:
+def check_model(requested: str | None, served: str, wording: ServerWording) -> None:
     """A request naming another model than the served one is a 404 (naming none is fine)."""
     if requested is not None and requested != served:
         raise ApiError(f"The model `{requested}` does not exist.", 404, "NotFoundError",
-                       param=dialect.param("model"))
+                       param=wording.param("model"))
 
 
-def models_body(name: str, created: int, max_model_len: int, dialect: Dialect) -> dict[str, Any]:
+def models_body(name: str, created: int, max_model_len: int, wording: ServerWording) -> dict[str, Any]:
     """``GET /v1/models``: the one served model, with vLLM's ``max_model_len``."""
     return {"object": "list", "data": [{
-        "id": name, "object": "model", "created": created, "owned_by": dialect.owned_by,
+        "id": name, "object": "model", "created": created, "owned_by": wording.owned_by,
         "root": name, "parent": None, "max_model_len": max_model_len, "permission": [],
     }]}
 

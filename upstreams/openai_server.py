@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .openai_api import ApiError, Counters, Dialect, models_body
+from .openai_api import ApiError, Counters, ServerWording, models_body
 
 
-def add_error_handlers(app: FastAPI, dialect: Dialect) -> None:
+def add_error_handlers(app: FastAPI, wording: ServerWording) -> None:
     """Refusals and unexpected failures answer with vLLM's error body."""
 
     @app.exception_handler(ApiError)
@@ -20,13 +20,13 @@ def add_error_handlers(app: FastAPI, dialect: Dialect) -> None:
 
     @app.exception_handler(Exception)
     async def _failed(_: Request, error: Exception) -> JSONResponse:
-        failure = ApiError(f"{dialect.internal_error}: {type(error).__name__}", 500,
+        failure = ApiError(f"{wording.internal_error}: {type(error).__name__}", 500,
                            "InternalServerError")
         return JSONResponse(failure.body(), status_code=500)
 
 
 def add_common_routes(app: FastAPI, name: str, created: int, max_model_len: int,
-                      dialect: Dialect, stats: Counters, reset_stats: Callable[[], None]) -> None:
+                      wording: ServerWording, stats: Counters, reset_stats: Callable[[], None]) -> None:
     """``/health``, ``/v1/models``, and ``/stats`` with ``/stats/reset`` for tests and benchmarks.
 
     `reset_stats` resets `stats` the way that server's threads allow.
@@ -38,7 +38,7 @@ def add_common_routes(app: FastAPI, name: str, created: int, max_model_len: int,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return models_body(name, created, max_model_len, dialect)
+        return models_body(name, created, max_model_len, wording)
 
     @app.get("/stats")
     async def read_stats() -> dict[str, int]:

@@ -26,6 +26,9 @@ class Takeover:
     nudging_words: str
     boundary: int | None = None
     probe: Completion | None = None
+    # The base's top-1 probability at each boundary it lost, by the boundary's character
+    # offset in the lookahead: the nudger token starting there was written over it.
+    lost_at: tuple[tuple[int, float], ...] = ()
 
 
 Prober = Callable[[Lookahead, int], Awaitable[Completion]]
@@ -83,7 +86,7 @@ def nudger_finished(context: NudgingContext, lookahead: Completion) -> Piece | N
     if lookahead.finish_reason != "stop":
         return None
     context.stats.fire("nudger_stop")
-    whole = piece_from_tokens(lookahead.tokens, "nudging")
+    whole = nudger_piece(context, piece_from_tokens(lookahead.tokens, "nudging"), ())
     taken = context.accept(whole)
     context.stats.stop_reason = "nudging_model_stop" if taken == whole else "length"
     return taken
@@ -106,6 +109,7 @@ async def find_takeover(context: NudgingContext, lookahead_text: str, probe_at: 
     lookahead = split_lookahead(context, lookahead_text)
     if len(lookahead.words) == 1:
         return Takeover(lookahead.prefix(1))
+    lost_at: list[tuple[int, float]] = []
     for boundary in range(1, lookahead.last_boundary + 1):
         word = lookahead.words[boundary]
         if word == "":
@@ -115,9 +119,11 @@ async def find_takeover(context: NudgingContext, lookahead_text: str, probe_at: 
         first = probe.tokens[0] if probe.tokens else None
         if takes_over(first, word, context.params.threshold):
             context.stats.fire("takeover" if boundary == 1 else "takeover_after_first_word")
-            return Takeover(lookahead.prefix(boundary), boundary, probe)
+            return Takeover(lookahead.prefix(boundary), boundary, probe, tuple(lost_at))
+        assert first is not None  # a probe without a token takes over
+        lost_at.append((len(lookahead.prefix(boundary)), first.top_prob))
     context.stats.fire("no_takeover")
-    return Takeover(lookahead.prefix(lookahead.last_boundary))
+    return Takeover(lookahead.prefix(lookahead.last_boundary), lost_at=tuple(lost_at))
 
 
 def repeated(context: NudgingContext, nudging_words: str) -> bool:
@@ -131,7 +137,22 @@ def repeated(context: NudgingContext, nudging_words: str) -> bool:
 
 def append_nudging_words(context: NudgingContext, lookahead: Completion, takeover: Takeover) -> Piece:
     """Step 6: the nudging words join the output, with the nudger tokens that cover them."""
-    return context.accept(piece_from_prefix(lookahead.tokens, len(takeover.nudging_words), "nudging"))
+    words = piece_from_prefix(lookahead.tokens, len(takeover.nudging_words), "nudging")
+    piece = context.accept(nudger_piece(context, words, takeover.lost_at))
+    # Without a takeover, the next round starts where the last boundary was probed.
+    ends_at = len(takeover.nudging_words)
+    lost_at_end = [prob for offset, prob in takeover.lost_at if offset == ends_at]
+    if takeover.boundary is None and lost_at_end and piece.text == takeover.nudging_words:
+        context.base_top_prob_at_end = lost_at_end[0]
+    return piece
+
+
+def nudger_piece(context: NudgingContext, piece: Piece, lost_at: tuple[tuple[int, float], ...]) -> Piece:
+    """A piece of nudger tokens, with the base's top-1 probability where the base was asked."""
+    known = dict(lost_at)
+    if context.base_top_prob_at_end is not None:
+        known[0] = context.base_top_prob_at_end
+    return piece.with_base_top_probs(known)
 
 
 def base_continues(context: NudgingContext, takeover: Takeover) -> bool:
@@ -147,9 +168,16 @@ def base_continues(context: NudgingContext, takeover: Takeover) -> bool:
 def apply_verdict(context: NudgingContext, verdict: ChunkVerdict) -> Piece | None:
     """Step 7 (c)-(d) for a judged chunk: the piece it adds, None when it is dropped; the
     rule that ends the continuation here is counted."""
-    if verdict.ends is not None:
+    if verdict.dropped:
+        assert verdict.ends is not None
         context.stats.fire(verdict.ends)
-    return None if verdict.dropped else context.accept_tokens(verdict.accepted)
+        return None
+    piece = context.accept_tokens(verdict.accepted)
+    if verdict.uncertain is not None:
+        context.base_uncertain(verdict.uncertain)
+    elif verdict.ends is not None:
+        context.stats.fire(verdict.ends)
+    return piece
 
 
 ChunkFetcher = Callable[[], Awaitable[Completion]]

@@ -38,12 +38,23 @@ class NudgingContext:
     stats: GenerationStats
     output: str = ""
     repetition: RepetitionGuard = field(default_factory=RepetitionGuard)
+    # The base's top-1 probability at the output's end, when the base was asked there (the
+    # uncertain token that ended its continuation, or the last boundary probed): it is why
+    # the nudger writes the next token, which the logprobs' report shows.
+    base_top_prob_at_end: float | None = None
 
     def accept(self, piece: Piece) -> Piece:
         """Charge a piece to the budget and append what fits to the output."""
         taken = self.budget.take(piece)
         self.output += taken.text
+        if taken.text:
+            self.base_top_prob_at_end = None
         return taken
+
+    def base_uncertain(self, token: Token) -> None:
+        """The base's continuation ends at this uncertain token, at the output's end."""
+        self.stats.fire("uncertain_token")
+        self.base_top_prob_at_end = token.top_prob
 
     def accept_tokens(self, tokens: list[Token] | tuple[Token, ...]) -> Piece:
         return self.accept(piece_from_tokens(tokens, "base"))

@@ -67,6 +67,7 @@ class ChunkVerdict:
 
     accepted: tuple[Token, ...]  # the tokens it adds: none when the chunk is dropped
     ends: ChunkRule | None  # the rule that ends the continuation here, if one does
+    uncertain: Token | None = None  # the uncertain token that ends it, if one does
 
     @property
     def dropped(self) -> bool:
@@ -85,7 +86,9 @@ def judge_chunk(chunk: Sequence[Token], base_text: str, output: str, threshold: 
     certain, found_uncertain = certain_prefix(chunk, threshold)
     if copies_output("".join(token.text for token in certain), output):
         return ChunkVerdict((), "chunk_copies_output")
-    return ChunkVerdict(tuple(certain), "uncertain_token" if found_uncertain else None)
+    if found_uncertain:
+        return ChunkVerdict(tuple(certain), "uncertain_token", chunk[len(certain)])
+    return ChunkVerdict(tuple(certain), None)
 
 
 class RepetitionGuard:

@@ -94,7 +94,7 @@ async def continue_streamed(
             if not window.holding:
                 window.read += 1
                 if token.top_prob < threshold:
-                    stats.fire("uncertain_token")
+                    context.base_uncertain(token)
                     return
                 piece = context.accept_tokens([token])
                 base_text += piece.text

@@ -1,11 +1,12 @@
 """The service: one request path for the server and the eval, without a web framework.
 
 `plan(request, served, limits)` checks the request (every 400 before any upstream request),
-then renders its prompts and returns one `ChoicePlan` per choice; `run(plans, streaming=...)`
+then renders its prompts and returns one `ChoicePlan` per choice (or in two steps, `check`
+then `render_plans`, with admission between them); `run(plans, streaming=...)`
 yields the events of their generations, which the server only encodes (JSON or SSE).
 """
 
-from .plan import AnyRequest, ChoicePlan, plan
+from .plan import AnyRequest, ChoicePlan, check, plan, render_plans
 from .run import ChoiceFinished, ChoiceRun, ErrorEvent, Event, PieceEvent, UsageEvent, run
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "Event",
     "PieceEvent",
     "UsageEvent",
+    "check",
     "plan",
+    "render_plans",
     "run",
 ]

@@ -25,6 +25,10 @@ from .limits import check_limits
 from .prompts import PromptPlan, Prompts, TokenPrompt, check_chat, check_completion, render
 
 AnyRequest = CompletionRequest | ChatCompletionRequest
+# The request fields that ask for logprobs, and the most alternatives a nudged model returns
+# per position (each upstream is asked for them: vLLM's default `--max-logprobs`).
+LOGPROB_FIELDS = frozenset({"logprobs", "top_logprobs"})
+MAX_NUDGED_LOGPROBS = 20
 # Fields the proxy itself interprets; everything else a passthrough method forwards.
 OWN_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
@@ -42,7 +46,8 @@ class ChoicePlan:
     index: int
 
 
-def _max_tokens(served: ServedModel, request: AnyRequest) -> int:
+def max_tokens_of(served: ServedModel, request: AnyRequest) -> int:
+    """The budget of each choice: the requested tokens (at most the model's limit) or its default."""
     requested = request.requested_max_tokens()
     if requested is None:
         return served.config.default_max_tokens
@@ -92,19 +97,60 @@ def _wants_logprobs(request: AnyRequest) -> bool:
     return request.logprobs is not None
 
 
+def _top_logprobs(request: AnyRequest) -> int:
+    """The alternatives per position the client asked for (chat's `top_logprobs`, the
+    completions API's `logprobs`)."""
+    if isinstance(request, ChatCompletionRequest):
+        return request.top_logprobs or 0
+    return request.logprobs or 0
+
+
+def _check_nudged_logprobs(request: AnyRequest) -> None:
+    """The logprobs a nudged model can return: up to its upstreams' limit, as vLLM asks."""
+    param = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
+    if isinstance(request, ChatCompletionRequest) and request.top_logprobs and not request.logprobs:
+        raise invalid_request("when using top_logprobs, logprobs must be set to true", "top_logprobs")
+    if _top_logprobs(request) > MAX_NUDGED_LOGPROBS:
+        raise invalid_request(f"{param} must be at most {MAX_NUDGED_LOGPROBS} for this model", param)
+
+
+# What `on_tools: nudging_only` hands to a nudged model's nudging model alone (service/chat.py).
+TOOL_FIELDS = ("tools", "tool_choice", "response_format")
+# Fields only an upstream that renders the chat itself can honour.
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "functions", "function_call")
+
+
+def _check_rendered_chat(request: ChatCompletionRequest) -> None:
+    """A passthrough model whose chat the proxy renders sends a completion: tool calls would
+    be silently dropped, so asking for them is a 400."""
+    asked = [name for name in unsupported_fields(request) if name in CHAT_ONLY_FIELDS]
+    if asked:
+        raise invalid_request(
+            f"{asked[0]} needs a model whose upstream answers chat itself (passthrough: chat)", asked[0]
+        )
+
+
 def check(
     request: AnyRequest, served: ServedModel, limits: LimitsConfig
 ) -> tuple[list[PromptPlan | TokenPrompt], int]:
     """Every 400 `request` deserves, raised without I/O; else its prompts' plans and budget."""
     check_limits(request, limits)
     method = served.config.method
-    if METHODS[method].combined:
-        unsupported = unsupported_fields(request)
+    spec = METHODS[method]
+    if spec.combined:
+        unsupported = [name for name in unsupported_fields(request)
+                       if not (spec.returns_logprobs and name in LOGPROB_FIELDS)]
         if unsupported:
+            hint = (" (on_tools: nudging_only answers it with the nudging model alone)"
+                    if method == "nudging" and isinstance(request, ChatCompletionRequest)
+                    and unsupported[0] in TOOL_FIELDS else "")
             raise invalid_request(
-                f"{unsupported[0]} is not supported for models of method {method!r}", unsupported[0]
+                f"{unsupported[0]} is not supported for models of method {method!r}{hint}", unsupported[0]
             )
-    max_tokens = _max_tokens(served, request)
+        _check_nudged_logprobs(request)
+    elif isinstance(request, ChatCompletionRequest):
+        _check_rendered_chat(request)
+    max_tokens = max_tokens_of(served, request)
     if isinstance(request, ChatCompletionRequest):
         return [check_chat(served, request)], max_tokens
     return check_completion(served, request), max_tokens
@@ -125,7 +171,15 @@ async def _render_all(served: ServedModel, plans: list[PromptPlan | TokenPrompt]
 async def plan(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -> list[ChoicePlan]:
     """The plans of `request`'s choices, prompt by prompt; raises `APIError` (a 400 before any
     upstream request)."""
-    prompt_plans, max_tokens = check(request, served, limits)
+    return await render_plans(request, served, check(request, served, limits))
+
+
+async def render_plans(
+    request: AnyRequest, served: ServedModel, checked: tuple[list[PromptPlan | TokenPrompt], int]
+) -> list[ChoicePlan]:
+    """The plans of a `check`ed request: its prompts rendered, which may ask the upstream
+    (`chat_template: auto`, token-id prompts), so the server admits the request first."""
+    prompt_plans, max_tokens = checked
     rendered = await _render_all(served, prompt_plans)
     config = served.config
     combined = METHODS[config.method].combined
@@ -148,7 +202,8 @@ async def plan(request: AnyRequest, served: ServedModel, limits: LimitsConfig) -
             params=params,
             choice_index=choice,
             passthrough_fields=passthrough_fields,
-            return_logprobs=not combined and _wants_logprobs(request),
+            return_logprobs=_wants_logprobs(request),
+            top_logprobs=_top_logprobs(request),
         ), index=prompt_index * request.n + choice)
         for prompt_index, prompts in enumerate(rendered)
         for choice in range(request.n)

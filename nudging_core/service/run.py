@@ -94,8 +94,10 @@ class RecoveryPolicy:
                 or isinstance(error, ContextOverflow) or request.method == "base_only"
                 or not self._restartable(run)):
             return False
+        # The base alone forwards none of the client's fields but the logprobs it asked for.
+        fields = {"logprobs": request.top_logprobs} if request.return_logprobs else {}
         run.restart(new_generation(self.served, dataclasses.replace(
-            request, method="base_only", passthrough_fields={})))
+            request, method="base_only", passthrough_fields=fields)))
         run.fallback_reason = scrub_urls(str(error))
         return True
 

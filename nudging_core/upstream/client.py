@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import httpx
+from pydantic import ConfigDict, Field
 
+from nudging_core.jsonio import load_json
 from nudging_core.types import Completion
 
 from .bounded import OverLimit, bounded_lines, read_bounded
@@ -73,13 +75,22 @@ NO_REQUEST_SCOPE = RequestScope()
 request_scope: ContextVar[RequestScope] = ContextVar("request_scope", default=NO_REQUEST_SCOPE)
 
 
+Seconds = Annotated[float, Field(gt=0)]
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float = 5.0
-    read: float = 60.0  # also the longest wait between two stream events
-    first_byte: float = 60.0  # from sending a request until its response headers arrived
-    write: float = 10.0
-    pool: float = 60.0
+    """An upstream's timeouts; the configuration's `timeouts` section validates into this."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    connect: Seconds = 5.0
+    read: Annotated[float, Field(gt=0, description="also the longest wait between two stream events")] = 60.0
+    first_byte: Annotated[
+        float, Field(gt=0, description="from sending a request until its response headers")
+    ] = 60.0
+    write: Seconds = 10.0
+    pool: Seconds = 60.0
 
     def to_httpx(self) -> httpx.Timeout:
         return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
@@ -102,14 +113,26 @@ class AnswerCaps:
     event: int = 16 * MIB  # one line of a stream (vLLM sends each event as one `data:` line)
 
 
-def _too_large(role: str, what: str, setting: str, error: OverLimit) -> UpstreamError:
-    # Like a malformed answer: the upstream's fault, not worth a retry, no reason to skip it.
-    return UpstreamError(role, f"answer too large: {what} is over {error.limit} bytes ({setting})")
+@contextmanager
+def _read_failures(role: str, *, streamed: bool) -> Iterator[None]:
+    """A failed read of an answer (whole, or a stream's events) as the upstream error it is."""
+    try:
+        yield
+    except OverLimit as exc:
+        # Like a malformed answer: the upstream's fault, not worth a retry, no reason to skip it.
+        what, setting = (("one stream event", "max_event_bytes") if streamed
+                         else ("its body", "max_answer_bytes"))
+        raise UpstreamError(role, f"answer too large: {what} is over {exc.limit} bytes ({setting})") from None
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(role, "timed out mid-stream" if streamed else "timed out") from exc
+    except httpx.HTTPError as exc:
+        what = "stream" if streamed else "answer"
+        raise UpstreamUnreachable(role, f"{what} interrupted ({type(exc).__name__})") from exc
 
 
 def _error_message(response_text: str) -> str:
     try:
-        payload = json.loads(response_text)
+        payload = load_json(response_text)
     except ValueError:
         return response_text[:200] or "empty error body"
     error = payload.get("error", payload) if isinstance(payload, dict) else payload
@@ -274,13 +297,8 @@ class UpstreamClient:
 
     async def _read(self, response: httpx.Response) -> bytes:
         try:
-            return await read_bounded(response.aiter_bytes(), self.caps.body)
-        except OverLimit as exc:
-            raise _too_large(self.role, "its body", "max_answer_bytes", exc) from None
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(self.role, "timed out") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnreachable(self.role, f"answer interrupted ({type(exc).__name__})") from exc
+            with _read_failures(self.role, streamed=False):
+                return await read_bounded(response.aiter_bytes(), self.caps.body)
         finally:
             await response.aclose()
 
@@ -290,7 +308,7 @@ class UpstreamClient:
         text = body.decode("utf-8", "replace")
         _raise_for_status(self.role, response.status_code, text)
         try:
-            return json.loads(text)
+            return load_json(text)
         except ValueError as exc:
             raise UpstreamError(self.role, "malformed JSON answer") from exc
 
@@ -327,7 +345,11 @@ class UpstreamClient:
         (and gives the slot back)."""
         dialect = await self.dialect()
         parse = dialect.parser(self.role, need_logprobs=call.logprobs is not None, stream=True)
-        wire = dialect.completion(call, self.model, stream=True)
+        return await self._open(dialect.completion(call, self.model, stream=True), slot_taken), parse
+
+    async def _open(self, wire: Request, slot_taken: asyncio.Event | None = None) -> httpx.Response:
+        """Send a streamed request and return once its headers arrived, holding one in-flight
+        slot until `close_stream`; an error status raises (and gives the slot back)."""
         await self._take_slot()
         if slot_taken is not None:
             slot_taken.set()
@@ -345,7 +367,7 @@ class UpstreamClient:
             finally:
                 await self.close_stream(response)  # also when cancelled: the slot and the connection go back
             _raise_for_status(self.role, response.status_code, body)
-        return response, parse
+        return response
 
     async def close_stream(self, response: httpx.Response) -> None:
         """Close a stream `open_stream` opened and give its slot back."""
@@ -353,6 +375,57 @@ class UpstreamClient:
             await self._close_response(response)
         finally:
             self._slots.release()
+
+    def _chat_request(self, body: dict[str, Any]) -> Request:
+        return Request("chat/completions", {**body, "model": self.model})
+
+    async def chat(self, body: dict[str, Any]) -> Any:
+        """The upstream's own answer to the chat request `body` (its `model` becomes this
+        upstream's), whole."""
+        await self._take_slot()
+        try:
+            with self._template_errors():
+                return await self._json(self._chat_request(body))
+        finally:
+            self._slots.release()
+
+    async def open_chat_stream(self, body: dict[str, Any]) -> httpx.Response:
+        """The streamed answer to the chat request `body`, once its headers arrived; read it
+        with `stream_events`, close it with `close_stream`."""
+        with self._template_errors():
+            return await self._open(self._chat_request(body))
+
+    @contextmanager
+    def _template_errors(self) -> Iterator[None]:
+        """The upstream's refusal to render a chat for want of a template, as `NoChatTemplate`:
+        vLLM says "... default chat template is no longer allowed, so you must provide a chat
+        template if the tokenizer does not define one." (a configuration error, not the client's)."""
+        try:
+            yield
+        except UpstreamError as error:
+            if error.status_code == 400 and "chat template" in error.message.lower():
+                raise NoChatTemplate(self.role, error.message, status_code=error.status_code) from None
+            raise
+
+    async def stream_events(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
+        """A stream's events as the upstream sent them, up to its [DONE] or its end (llama-server
+        sends none); an error event raises."""
+        with _read_failures(self.role, streamed=True):
+            async for line in bounded_lines(response.aiter_bytes(), self.caps.event):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    payload = load_json(data)
+                except ValueError as exc:
+                    raise UpstreamError(self.role, "malformed stream event") from exc
+                if not isinstance(payload, dict):
+                    raise UpstreamError(self.role, "malformed stream event")
+                if "error" in payload:
+                    _raise_stream_error(self.role, data.decode("utf-8", "replace"), payload)
+                yield payload
 
     async def count_tokens(self, prompt: str) -> int | None:
         """Prompt size by the upstream's own tokenizer, if it offers one."""
@@ -370,14 +443,8 @@ class UpstreamClient:
     async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
         """The chat rendered by the upstream's own template, if it can render one."""
         dialect = await self.dialect()
-        try:
+        with self._template_errors():
             return await dialect.render_chat(self._json, self.model, messages)
-        except UpstreamError as error:
-            # vLLM: "... default chat template is no longer allowed, so you must provide a
-            # chat template if the tokenizer does not define one."
-            if error.status_code == 400 and "chat template" in error.message.lower():
-                raise NoChatTemplate(self.role, error.message, status_code=error.status_code) from None
-            raise
 
     async def detokenize(self, tokens: list[int]) -> str | None:
         """The text of token ids by the upstream's own tokenizer; None where it has no
@@ -391,9 +458,12 @@ class UpstreamClient:
             raise
 
     async def ready(self) -> bool:
+        """Whether `/v1/models` answers 200; its body is read under the JSON cap, so an upstream
+        that sends an endless one is not ready rather than a growing buffer."""
         try:
-            response = await self._http.get("models")
-        except httpx.HTTPError:
+            async with self._http.stream("GET", "models") as response:
+                await read_bounded(response.aiter_bytes(), self.caps.body)
+        except (httpx.HTTPError, OverLimit):
             return False
         return response.status_code == 200
 
@@ -425,29 +495,11 @@ class CompletionStream(StreamProgress):
     async def replies(self) -> AsyncGenerator[Reply, None]:
         """The stream's events, parsed (iterating the stream itself gives their tokens)."""
         assert self._response is not None and self._parse is not None, "use `async with` first"
-        role = self._client.role
-        try:
-            async for line in bounded_lines(self._response.aiter_bytes(), self._client.caps.event):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                try:
-                    payload = json.loads(data)
-                except ValueError as exc:
-                    raise UpstreamError(role, "malformed stream event") from exc
-                if isinstance(payload, dict) and "error" in payload:
-                    _raise_stream_error(role, data.decode("utf-8", "replace"), payload)
+        async with aclosing(self._client.stream_events(self._response)) as events:
+            async for payload in events:
                 reply = self._parse(payload)
                 yield reply
                 self.note(reply)
                 if reply.last:
                     break
-        except OverLimit as exc:
-            raise _too_large(role, "one stream event", "max_event_bytes", exc) from None
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(role, "timed out mid-stream") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnreachable(role, f"stream interrupted ({type(exc).__name__})") from exc
-        self.end(role)
+        self.end(self._client.role)

@@ -50,7 +50,7 @@ from ..openai_api import (
 from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
 from .chat import ChatTemplate
 from .defaults import DEFAULT_CTX
-from .generation import Outcome, Step
+from .generation import GenerationResult, Step
 from .protocol import LOCAL, LocalRequest
 from .weights import MissingModelError
 from .worker import Job, Worker
@@ -211,7 +211,7 @@ class _Reply(Reply):
         return logprobs_block(tokens, [s.logprob for s in steps], [s.top_logprobs for s in steps],
                               offsets)
 
-    def full(self, outcome: Outcome) -> dict[str, Any]:
+    def full(self, outcome: GenerationResult) -> dict[str, Any]:
         return self.body(self.echoed + outcome.text,
                          self.step_logprobs(outcome.steps, len(outcome.text)),
                          outcome.finish_reason, outcome.stop_reason, outcome.prompt_tokens,

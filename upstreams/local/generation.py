@@ -55,7 +55,7 @@ class Step:
 
 
 @dataclass(slots=True)
-class Outcome:
+class GenerationResult:
     """What one generation did, filled in as it runs."""
 
     prompt_tokens: int = 0
@@ -68,7 +68,7 @@ class Outcome:
     steps: list[Step] = field(default_factory=list)
 
 
-def generate(model: Model, prompt: Sequence[int], sampling: Sampling, outcome: Outcome,
+def generate(model: Model, prompt: Sequence[int], sampling: Sampling, outcome: GenerationResult,
              cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
     """Yield the steps of one completion of `prompt`; stops early when `cancelled()` says so.
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..openai_api import ApiError, CompletionRequest, Dialect
+from ..openai_api import ApiError, CompletionRequest, ServerWording
 
 # Errors name the field at fault, as vLLM's do. Prompt logprobs need the logits of every
 # prompt position, which defeats the KV cache reuse this server is built around; so echo is
 # served without them.
-LOCAL = Dialect(
+LOCAL = ServerWording(
     owned_by="nudging-proxy",
     internal_error="internal server error",
     one_sample_only="only n=1 and best_of=1 are supported",

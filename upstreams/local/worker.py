@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from ..openai_api import Counters, Sampling
-from .generation import Model, Outcome, Step, generate
+from .generation import GenerationResult, Model, Step, generate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Job:
         # A non-streamed job reports only its end: waking the event loop for every token
         # costs CPU that the inference threads need (measured ~25% slower on 2 cores).
         self.stream = stream
-        self.outcome = Outcome()
+        self.outcome = GenerationResult()
         self._loop = loop
         self._events: asyncio.Queue[Step | _Finished | BaseException] = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -181,7 +181,7 @@ class Worker:
         self._finish(job, completed=outcome.finish_reason is not None or error is not None)
         job._post(error if error is not None else _FINISHED)
 
-    def _count_prompt(self, outcome: Outcome) -> None:
+    def _count_prompt(self, outcome: GenerationResult) -> None:
         with self._lock:
             self.stats.prompt_tokens_evaluated += outcome.prompt_evaluated
             self.stats.prompt_tokens_reused += outcome.prompt_reused

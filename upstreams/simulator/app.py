@@ -1,6 +1,7 @@
 """The simulated upstream as a web server speaking vLLM's OpenAI-compatible completions API.
 
-Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``GET /v1/models``, ``GET /health``,
+Endpoints: ``POST /v1/completions`` (JSON or SSE stream), ``POST /v1/chat/completions`` (a small
+one, see :mod:`.chat`), ``GET /v1/models``, ``GET /health``,
 vLLM's ``POST /tokenize`` (a prompt; chat ``messages`` get vLLM's no-chat-template 400),
 ``POST /detokenize`` and ``GET /tokenizer_info`` (see :mod:`.tokenizer` for the token ids),
 ``GET /stats`` and ``POST /stats/reset`` (counters for tests and benchmarks), ``GET /faults``
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import time
 from collections.abc import AsyncGenerator, Coroutine
@@ -49,8 +51,9 @@ from ..openai_api import (
     parse_completion_request,
 )
 from ..openai_server import EventStream, add_common_routes, add_error_handlers, read_json
+from .chat import ChatReply, completion_body, forced_tool, structured_text, tool_call
 from .documents import PROFILES
-from .engine import Engine, Outcome, Step, reported_logprobs
+from .engine import Engine, GenerationResult, Step, reported_logprobs
 from .faults import (
     CLOSE_CONNECTION,
     STREAM_FAULTS,
@@ -67,8 +70,8 @@ from .faults import (
 )
 from .latency import PROFILE_DEFAULTS, LatencyModel
 from .model import LanguageModel, logprob
-from .protocol import SIMULATOR, SimulatorRequest
-from .tokenizer import reported_tokens, token_id, token_text
+from .protocol import SIMULATOR, SimulatorRequest, ids_text
+from .tokenizer import reported_tokens, token_id
 
 # vLLM 0.32's answer to a chat for /tokenize when the model has no chat template.
 NO_CHAT_TEMPLATE = ("As of transformers v4.44, default chat template is no longer allowed, so you must "
@@ -171,11 +174,7 @@ def create_app(
     async def detokenize(request: Request) -> dict[str, Any]:
         body = parse_body(DetokenizeRequest, await read_json(request))
         check_model(body.model, name, SIMULATOR)
-        texts = [token_text(token) for token in body.tokens]
-        unknown = [token for token, text in zip(body.tokens, texts, strict=True) if text is None]
-        if unknown:
-            raise ApiError(f"token id {unknown[0]} is out of vocabulary")
-        return {"prompt": "".join(text or "" for text in texts)}
+        return {"prompt": ids_text(body.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
@@ -212,7 +211,7 @@ def create_app(
         logprobs = None if fault is not None and fault.name == "no_logprobs" else completion.logprobs
         reply = _Reply(name, bool(completion.echo), prompt, model if completion.echo else None, logprobs,
                        f"{SIMULATOR.owned_by}-{profile}")
-        outcome = Outcome()
+        outcome = GenerationResult()
         scores_prompt = bool(completion.echo) and completion.logprobs is not None
         steps: AsyncGenerator[Step, None] = engine.generate(prompt, prompt_tokens, sampling, outcome,
                                                         prompt_logprobs=scores_prompt)
@@ -233,6 +232,38 @@ def create_app(
         if fault is not None and fault.name == "oversized":
             full = padded(full, fault.events)
         return JSONResponse(full)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await read_json(request)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening any more
+        completion = parse_completion_request(SimulatorRequest, completion_body(body), max_logprobs,
+                                              SIMULATOR)
+        check_model(completion.model, name, SIMULATOR)
+        prompt = completion.prompt_text()
+        prompt_tokens = reported_tokens(prompt)
+        sampling = completion.sampling(len(prompt_tokens), max_model_len, SIMULATOR)
+        reply = ChatReply(name, f"{SIMULATOR.owned_by}-{profile}")
+        function, structured = forced_tool(body), structured_text(body)
+        if function is not None or structured is not None:
+            calls = [tool_call(function)] if function is not None else []
+            content = structured if structured is not None else ""
+            written = len(reported_tokens(content or json.dumps(calls)))
+            if completion.stream:
+                return EventStream(_fixed_chat_stream(reply, content, calls, len(prompt_tokens), written,
+                                                      completion.include_usage()))
+            return JSONResponse(reply.body(content, calls, "stop", None, len(prompt_tokens), written))
+        outcome = GenerationResult()
+        steps = engine.generate(prompt, prompt_tokens, sampling, outcome)
+        if completion.stream:
+            return EventStream(_chat_stream(reply, steps, outcome, len(prompt_tokens),
+                                            completion.include_usage()))
+        if await _unless_client_leaves(request, _collect(steps)) is None:
+            return Response(status_code=499)
+        return JSONResponse(reply.body(outcome.text, [], outcome.finish_reason, outcome.stop_reason,
+                                       len(prompt_tokens), outcome.completion_tokens))
 
     return app
 
@@ -304,7 +335,7 @@ class _Reply(Reply):
             [self.base_offset + s.offset for s in steps],
         )
 
-    def full(self, steps: list[Step], outcome: Outcome, prompt_tokens: int) -> dict[str, Any]:
+    def full(self, steps: list[Step], outcome: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
         logprobs = None
         if self.logprobs is not None:
             logprobs = self.step_logprobs(steps)
@@ -316,7 +347,7 @@ class _Reply(Reply):
                          prompt_tokens, outcome.completion_tokens)
 
 
-async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: Outcome,
+async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: GenerationResult,
                   prompt_tokens: int, include_usage: bool, *, prompt_only: bool,
                   ) -> AsyncGenerator[str, None]:
     """SSE chunks: the prompt first when echoing, then one chunk per token, usage, [DONE].
@@ -336,6 +367,34 @@ async def _stream(reply: _Reply, steps: AsyncGenerator[Step, None], outcome: Out
         yield SSE_DONE
     finally:
         await steps.aclose()
+
+
+async def _chat_stream(reply: ChatReply, steps: AsyncGenerator[Step, None], outcome: GenerationResult,
+                       prompt_tokens: int, include_usage: bool) -> AsyncGenerator[str, None]:
+    """vLLM's chat chunks: the role first, then one chunk per token, usage, [DONE]."""
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
+        async for step in steps:
+            yield reply.chunk({"content": step.text}, step.finish_reason, step.stop_reason)
+        if include_usage:
+            yield reply.usage_chunk(prompt_tokens, outcome.completion_tokens)
+        yield SSE_DONE
+    finally:
+        await steps.aclose()
+
+
+async def _fixed_chat_stream(reply: ChatReply, content: str, calls: list[dict[str, Any]], prompt_tokens: int,
+                             completion_tokens: int, include_usage: bool) -> AsyncGenerator[str, None]:
+    """A tool call or a JSON text, streamed: the role, then the whole answer in one chunk."""
+    yield reply.chunk({"role": "assistant", "content": ""})
+    if calls:
+        yield reply.chunk({"tool_calls": [{"index": index, **call} for index, call in enumerate(calls)]})
+    else:
+        yield reply.chunk({"content": content})
+    yield reply.chunk({"content": ""}, "stop")
+    if include_usage:
+        yield reply.usage_chunk(prompt_tokens, completion_tokens)
+    yield SSE_DONE
 
 
 # ---------------------------------------------------------------------------------------------

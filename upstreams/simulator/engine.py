@@ -43,7 +43,7 @@ class Step:
 
 
 @dataclass(slots=True)
-class Outcome:
+class GenerationResult:
     """What a whole generation produced, filled in as it runs."""
 
     text: str = ""  # the generated text as returned (cut before a stop string)
@@ -122,7 +122,7 @@ class Engine:
         self.stats = Stats()
 
     async def generate(self, prompt: str, prompt_tokens: list[str], sampling: Sampling,
-                       outcome: Outcome, *, prompt_logprobs: bool = False,
+                       outcome: GenerationResult, *, prompt_logprobs: bool = False,
                        ) -> AsyncGenerator[Step, None]:
         """Yield the steps of one generation, paced by the latency model.
 
@@ -151,7 +151,7 @@ class Engine:
             if outcome.finish_reason is None:
                 stats.requests_cancelled += 1
 
-    async def _steps(self, prompt: str, sampling: Sampling, outcome: Outcome,
+    async def _steps(self, prompt: str, sampling: Sampling, outcome: GenerationResult,
                      schedule: Schedule) -> AsyncGenerator[Step, None]:
         rng: random.Random | None = None
         if sampling.temperature > 1e-5:
@@ -206,7 +206,7 @@ class Engine:
             outcome.text = generated
             yield Step(token, value, top, offset, text)
 
-    async def _count_token(self, schedule: Schedule, outcome: Outcome, max_tokens: int) -> bool:
+    async def _count_token(self, schedule: Schedule, outcome: GenerationResult, max_tokens: int) -> bool:
         """Pay for one generated token; whether it is the last the budget allows."""
         await schedule.next_token()  # every token costs a forward pass, the first included
         outcome.completion_tokens += 1

@@ -16,6 +16,11 @@ generated. So the split between question and answer is recomputed from the whole
 The question's identity (its *key*) is its text with template markers, role labels and extra
 whitespace removed, lowercased; the base prompt ``"You are kind.\\nHi there\\n"`` and the chat
 prompt with that system and user message therefore name the same question, for every template.
+
+The markers below are written from the template families' published layouts, not derived from
+the proxy's `nudging_core.templates`: the simulator stands in for a model, which reads the text
+it is given, so a template the proxy renders wrongly makes a simulated answer go wrong as it
+would on a real model, instead of agreeing with the proxy by construction.
 """
 
 from __future__ import annotations
