@@ -37,6 +37,8 @@ class ModelRegistry:
         self._replicas: dict[tuple[tuple[str, ...], str, str | None, str, str], ReplicaSet] = {}
         # Upstreams seen to render their chat template (a server's template does not change).
         self._renders: set[tuple[str, str]] = set()
+        # Moves with every report_down: a readiness answer from before it is out of date.
+        self.down_reports = 0
         self.models: dict[str, ServedModel] = {}
         for model in config.models:
             replicas: dict[Role, ReplicaSet] = {}
@@ -79,6 +81,7 @@ class ModelRegistry:
             for client, health in zip(replicas.clients, replicas.healths, strict=True):
                 if client.url == url:
                     health.down = problem
+        self.down_reports += 1
 
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)

@@ -248,12 +248,14 @@ async def _readiness(registry: ModelRegistry) -> Readiness:
 async def ready(request: Request) -> JSONResponse:
     """Every upstream's readiness, checked at most once per `READY_CACHE_SECONDS`: /ready may
     be open to anyone, and each check asks every upstream. Callers meanwhile share the last
-    check, or the one under way."""
-    state = request.app.state
-    last: tuple[float, asyncio.Future[Readiness]] | None = getattr(state, "ready_check", None)
+    check, or the one under way, unless an upstream was reported down or back since."""
+    state, registry = request.app.state, _registry(request)
+    last: tuple[float, int, asyncio.Future[Readiness]] | None = getattr(state, "ready_check", None)
     now = time.monotonic()
-    if last is None or now - last[0] >= READY_CACHE_SECONDS:
-        last = state.ready_check = (now, asyncio.ensure_future(_readiness(_registry(request))))
+    # A supervisor's report (an upstream process died or came back) makes the last check stale.
+    if last is None or now - last[0] >= READY_CACHE_SECONDS or last[1] != registry.down_reports:
+        check = asyncio.ensure_future(_readiness(registry))
+        last = state.ready_check = (now, registry.down_reports, check)
     # Shielded: a caller that leaves does not cancel the others' check.
-    body, status = await asyncio.shield(last[1])
+    body, status = await asyncio.shield(last[2])
     return JSONResponse(body, status_code=status)
