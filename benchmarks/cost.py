@@ -11,6 +11,9 @@ strategy `fast` and with `paper`, at 1, 16 and 64 concurrent streams. For each i
 - base prompt tokens not served from the prefix cache, per answer;
 - answers/s and the median time to the first text.
 
+A method `fast:W` is `fast` with `probe_window` W (`--methods fast:1,fast:2,fast` compares
+windows side by side).
+
 With `--servers auto,asyncio/h11` one proxy runs per uvicorn stack (`server.loop`/`server.http`),
 measured in turn in one run for each method and concurrency, so the stacks compare side by side.
 
@@ -135,12 +138,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated stream counts")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated, of " + ", ".join(METHODS))
+                        help="comma-separated, of " + ", ".join(METHODS) + " and fast:W (probe_window W)")
     parser.add_argument("--servers", default="auto",
                         help="comma-separated uvicorn stacks: auto (uvloop + httptools) or LOOP/HTTP")
     args = parser.parse_args()
     levels = [int(level) for level in args.concurrency.split(",")]
     stacks = args.servers.split(",")
+    methods = args.methods.split(",")
     with simulator("base", 1.0) as base, simulator("aligned", 1.0) as aligned, ExitStack() as proxies:
         base_model = {"url": base + "/v1", "model": "base"}
         aligned_model = {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}
@@ -149,12 +153,15 @@ def main() -> None:
             {"name": "fast", "base": base_model, "nudging": aligned_model, "strategy": "fast"},
             {"name": "paper", "base": base_model, "nudging": aligned_model, "strategy": "paper"},
         ]
+        models += [{"name": method, "base": base_model, "nudging": aligned_model, "strategy": "fast",
+                    "probe_window": int(method.removeprefix("fast:"))}
+                   for method in methods if method.startswith("fast:")]
         running = {stack: proxies.enter_context(proxy(models, _server_settings(stack))) for stack in stacks}
         print(f"{'method':9} {'server':12} {'streams':>7} {'CPU µs/token':>12} {'CPU ms/answer':>13} "
               f"{'base req/answer':>15} {'base tok/token':>14} {'uncached prompt/answer':>22} "
               f"{'answers/s':>9} {'TTFT p50 s':>10}")
         for concurrency in levels:
-            for method in args.methods.split(","):
+            for method in methods:
                 for stack, (url, pid) in running.items():
                     figures = _measure(url, pid, base, method, concurrency, args)
                     print(f"{method:9} {stack:12} {concurrency:7} {figures}", flush=True)

@@ -17,6 +17,7 @@ import httpx
 
 from .client import AnswerCaps, Timeouts, UpstreamClient
 from .health import ReplicaHealth
+from .network import AsyncioTransport
 
 DEFAULT_TIMEOUTS = Timeouts()
 DEFAULT_CAPS = AnswerCaps()
@@ -100,8 +101,8 @@ class ReplicaSet:
         clients, healths = [], []
         for url in urls:
             health = ReplicaHealth(cooldown)
-            pool = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+            pool = AsyncioTransport(
+                httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
             )
             clients.append(
                 UpstreamClient(
