@@ -102,7 +102,7 @@ def case_from(rng: random.Random) -> Case:
     nudger = LoopingModel(rng.randrange(2**32), vocabulary, 1, confident=0.9, ends=rng.choice((0.02, 0.08)))
     params = {"lookahead_tokens": rng.choice((3, 5, 8)), "chunk_tokens": rng.choice((2, 3, 5, 16)),
               "threshold": rng.choice((0.3, 0.4, 0.5)), "max_rounds": rng.randint(3, 10),
-              "probe_window": rng.choice((1, 4))}
+              "probe_window": rng.choice((1, 2, 4))}
     return Case(base, nudger, params)
 
 

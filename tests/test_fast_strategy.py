@@ -209,7 +209,7 @@ async def test_fast_requests_and_cancelled_probes(pair: Scripted) -> None:
 async def test_fast_probes_are_concurrent(pair: Scripted) -> None:
     script_no_takeover(pair)
     pair.delay("b", " The", 0.3, stream=True)  # the first boundary's answer comes late
-    out = await run(pair, "fast", {"lookahead_tokens": 4})
+    out = await run(pair, "fast", {"lookahead_tokens": 4, "probe_window": 3})
     assert out.text == NO_TAKEOVER_TEXT
     probes = [e for e in pair.entries() if e["role"] == "b"]
     assert sorted(request for request in requests(pair) if request[0] == "b") == [
@@ -315,7 +315,7 @@ async def test_fast_probes_while_the_lookahead_streams(pair: Scripted) -> None:
     # after it has begun, before the lookahead is complete.
     script_no_takeover(pair)
     pair.mounts["n"].event_delay = 0.05
-    out = await run(pair, "fast", {"lookahead_tokens": 4})
+    out = await run(pair, "fast", {"lookahead_tokens": 4, "probe_window": 3})
     assert out.text == NO_TAKEOVER_TEXT
     lookahead = pair.entries()[0]
     assert (lookahead["role"], lookahead["body"]["stream"]) == ("n", True)

@@ -22,7 +22,7 @@ class NudgingParams:
     max_rounds: int = 150
     strategy: Strategy = "fast"
     cleanup: bool = False
-    probe_window: int = 4  # fast: base probes of one round open at once
+    probe_window: int = 2  # fast: base probes of one round open at once
 
 
 @dataclass(slots=True)
