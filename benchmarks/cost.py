@@ -148,7 +148,7 @@ def main() -> None:
     with simulator("base", 1.0) as base, simulator("aligned", 1.0) as aligned, ExitStack() as proxies:
         base_model = {"url": base + "/v1", "model": "base"}
         aligned_model = {"url": aligned + "/v1", "model": "aligned", "chat_template": "chatml"}
-        models = [
+        models: list[dict[str, Any]] = [
             {"name": "base_only", "method": "base_only", "base": base_model},
             {"name": "fast", "base": base_model, "nudging": aligned_model, "strategy": "fast"},
             {"name": "paper", "base": base_model, "nudging": aligned_model, "strategy": "paper"},

@@ -62,7 +62,8 @@ async def _echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 async def test_answers_and_keep_alive_are_httpx_s_own() -> None:
     async with _server(_echo_forever) as (url, connections):
-        async with httpx.AsyncClient(transport=AsyncioTransport(LIMITS)) as ours, httpx.AsyncClient() as theirs:
+        ours = httpx.AsyncClient(transport=AsyncioTransport(LIMITS))
+        async with ours, httpx.AsyncClient() as theirs:
             for client in (ours, theirs):
                 first = await client.post(url, content=b"one")
                 second = await client.post(url, content=b"two")
@@ -133,7 +134,8 @@ async def test_timeouts_and_refusals_are_httpx_s_errors() -> None:
         await asyncio.sleep(10)
 
     async with _server(silent) as (url, _):
-        async with httpx.AsyncClient(transport=AsyncioTransport(LIMITS), timeout=httpx.Timeout(0.2)) as client:
+        transport = AsyncioTransport(LIMITS)
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.2)) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(url, content=b"{}")
         one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
